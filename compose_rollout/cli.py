@@ -1,0 +1,164 @@
+"""`rollout`: deploy, plan and status for a fleet file.
+
+rollout deploy --fleet FLEET --tag TAG      roll the fleet to TAG (exit 0), or roll back (exit 1)
+rollout plan   --fleet FLEET --tag TAG      what would change; touches nothing
+rollout status --fleet FLEET                per instance: image, container, /health, LB
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from compose_rollout import procedure
+from compose_rollout.compose_file import set_image, unified_diff
+from compose_rollout.config import Fleet, Instance, load_fleet
+from compose_rollout.errors import RolloutError
+from compose_rollout.procedure import Context
+from compose_rollout.registry import RegistryClient
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _quiet_prefect_defaults() -> None:
+    """Defaults for a local run: no telemetry noise, time for a fresh ephemeral server."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
+def table(rows: list[dict[str, object]]) -> str:
+    """Rows as an aligned plain-text table."""
+    if not rows:
+        return "(nothing)"
+    headers = list(rows[0])
+    cells = [[str(row.get(h, "")) if row.get(h) is not None else "-" for h in headers] for row in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(cell, widths, strict=True)) for cell in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    _quiet_prefect_defaults()
+    from flows.rolling_deploy import rolling_deploy  # imports Prefect: only when deploying
+
+    try:
+        rows = rolling_deploy(
+            fleet_file=args.fleet, tag=args.tag, image=args.image, batch_size=args.batch_size, triggered_by="cli"
+        )
+    except RolloutError as error:
+        print(f"\nFAILED: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    print()
+    print(table(rows))
+    return EXIT_OK
+
+
+def _per_instance(fleet: Fleet, ctx: Context, action: object) -> list[dict[str, object]]:
+    with ThreadPoolExecutor(max_workers=min(16, len(fleet.instances))) as pool:
+        return list(pool.map(action, fleet.instances))  # type: ignore[arg-type]
+
+
+def _plan(args: argparse.Namespace) -> int:
+    fleet = load_fleet(args.fleet)
+    target = procedure.target_image(fleet, args.tag, args.image)
+    pinned = target.with_digest(RegistryClient(fleet.registry).resolve_digest(target))
+    ctx = Context.connect(fleet)
+    diffs: dict[str, str] = {}
+
+    def one(instance: Instance) -> dict[str, object]:
+        found = procedure.snapshot(ctx, instance)
+        after = set_image(found.compose, fleet.service, str(pinned), f"{instance.name}:{instance.compose_path}")
+        change = "none (already there)" if found.image == str(pinned) else "update"
+        diffs[instance.name] = unified_diff(found.compose, after, instance.compose_path)
+        return {"instance": instance.name, "now": found.image, "after": str(pinned), "change": change}
+
+    try:
+        servers = procedure.preflight_lb(ctx)
+        rows = _per_instance(fleet, ctx, one)
+    finally:
+        ctx.close()
+    size = fleet.rollout.batch_count(len(fleet.instances))
+    print(f"Plan for fleet {fleet.name}: {target} = {pinned.digest}")
+    canary = " after a canary" if fleet.rollout.canary else ""
+    print(f"Batches of {size}{canary}; LB backend {fleet.load_balancer.backend}:")
+    for row in rows:
+        row["lb"] = servers[fleet.instance(str(row["instance"])).lb_server].describe()
+    print(table(rows))
+    for name, diff in diffs.items():
+        if diff:
+            print(f"\n{name}:\n{diff}", end="")
+    print("\nNothing was changed.")
+    return EXIT_OK
+
+
+def _status(args: argparse.Namespace) -> int:
+    fleet = load_fleet(args.fleet)
+    ctx = Context.connect(fleet)
+    try:
+        try:
+            servers = {name: s.describe() for name, s in ctx.lb.servers().items()}
+        except RolloutError as error:
+            servers = {}
+            print(f"LB: {error}", file=sys.stderr)
+
+        def one(instance: Instance) -> dict[str, object]:
+            row: dict[str, object] = {"instance": instance.name}
+            try:
+                found = procedure.snapshot(ctx, instance)
+                row["compose image"] = found.image
+                row["running"] = procedure.running_digest(ctx, instance, found.container)
+                row["container"] = found.container.status
+            except RolloutError as error:
+                row["compose image"] = f"ERROR: {error}"
+            _, seen = ctx.probe(instance.health_url, fleet.health.request_timeout_seconds)
+            row["health"] = seen
+            row["lb"] = servers.get(instance.lb_server, "unknown")
+            return row
+
+        print(table(_per_instance(fleet, ctx, one)))
+    finally:
+        ctx.close()
+    return EXIT_OK
+
+
+def parser() -> argparse.ArgumentParser:
+    """The `rollout` argument parser."""
+    top = argparse.ArgumentParser(
+        prog="rollout", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = top.add_subparsers(dest="command", required=True)
+    for name, helptext in (
+        ("deploy", "roll the fleet to a new image, rolling back on failure"),
+        ("plan", "show what a deploy would change, touching nothing"),
+        ("status", "show each instance's image, container, health and LB state"),
+    ):
+        sub = commands.add_parser(name, help=helptext)
+        sub.add_argument("--fleet", required=True, help="fleet YAML file")
+        if name in ("deploy", "plan"):
+            which = sub.add_mutually_exclusive_group(required=True)
+            which.add_argument("--tag", help="tag in the fleet's image_repository")
+            which.add_argument("--image", help="full image reference REPO:TAG")
+        if name == "deploy":
+            sub.add_argument("--batch-size", help="instances at once: a count or a percentage like 25%%")
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    handlers = {"deploy": _deploy, "plan": _plan, "status": _status}
+    try:
+        return handlers[args.command](args)
+    except RolloutError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,387 @@
+"""The fleet file: typed, strict, and validated before anything is touched.
+
+A fleet file is YAML (see `examples/terrateam-fleet.yaml`). Every field can be
+overridden by an environment variable: `ROLLOUT_` + the field path joined with `__`,
+e.g. `ROLLOUT_HEALTH__TIMEOUT_SECONDS=300` or `ROLLOUT_IMAGE_REPOSITORY=...`.
+Unknown keys are refused, and every error names its path (`instances[1].host: ...`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from compose_rollout.errors import ConfigError
+from compose_rollout.images import validate_repository
+
+NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+# Compose service names and HAProxy backend/server names: a conservative common subset.
+IDENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+HOST_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
+USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+BATCH_RE = re.compile(r"([1-9][0-9]?|100)%")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check(pattern: re.Pattern[str], what: str, value: str) -> str:
+    if not pattern.fullmatch(value):
+        raise ValueError(f"invalid {what} {value!r}")
+    return value
+
+
+def _absolute_posix(value: str, what: str) -> str:
+    path = PurePosixPath(value)
+    if not path.is_absolute() or ".." in path.parts or any(c in value for c in "\n\r\0"):
+        raise ValueError(f"{what} must be an absolute path without '..', got {value!r}")
+    return str(path)
+
+
+class SshSettings(_Strict):
+    """How to reach every instance over SSH (instances may override port and user)."""
+
+    user: Annotated[str, Field(description="Remote user.")] = "root"
+    port: Annotated[int, Field(ge=1, le=65535, description="Default SSH port.")] = 22
+    key_file: Annotated[Path, Field(description="Private key file used to log in.")] = Path("~/.ssh/id_ed25519")
+    key_passphrase: Annotated[SecretStr | None, Field(description="Passphrase of the key, if it has one.")] = None
+    known_hosts_file: Annotated[
+        Path,
+        Field(description="known_hosts file pinning every host key (hashed entries work). Unknown keys are refused."),
+    ] = Path("~/.ssh/known_hosts")
+    connect_timeout_seconds: Annotated[
+        float, Field(gt=0, le=120, description="TCP connect, banner and auth timeout.")
+    ] = 10.0
+    command_timeout_seconds: Annotated[
+        float, Field(gt=0, le=3600, description="Default limit for one remote command.")
+    ] = 60.0
+
+    @field_validator("user")
+    @classmethod
+    def _user(cls, value: str) -> str:
+        return _check(USER_RE, "SSH user", value)
+
+
+class ComposeSettings(_Strict):
+    """How Compose is invoked on the hosts."""
+
+    command: Annotated[
+        Literal["auto", "v1", "v2"],
+        Field(description="`v2` = `docker compose`, `v1` = `docker-compose`, `auto` = detect per host."),
+    ] = "auto"
+    up_timeout_seconds: Annotated[
+        float, Field(gt=0, le=3600, description="Limit for `up -d` (a remote `timeout` wraps it).")
+    ] = 180.0
+    pull_timeout_seconds: Annotated[float, Field(gt=0, le=7200, description="Limit for one image pull.")] = 600.0
+
+
+class LoadBalancerSettings(_Strict):
+    """The load balancer in front of the instances."""
+
+    kind: Annotated[Literal["haproxy"], Field(description="Load balancer kind.")] = "haproxy"
+    admin_address: Annotated[
+        str,
+        Field(description="HAProxy stats socket with `level admin`: `tcp://HOST:PORT` or `unix:///path`."),
+    ]
+    backend: Annotated[str, Field(description="HAProxy backend holding the instances' servers.")]
+    timeout_seconds: Annotated[float, Field(gt=0, le=60, description="Limit for one admin command.")] = 5.0
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, value: str) -> str:
+        return _check(IDENT_RE, "backend name", value)
+
+    @field_validator("admin_address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        if value.startswith("unix://"):
+            _absolute_posix(value[len("unix://") :], "admin socket path")
+            return value
+        match = re.fullmatch(r"tcp://([^:/]+):([0-9]{1,5})", value)
+        if not match or not 0 < int(match.group(2)) < 65536:
+            raise ValueError(f"admin_address must be tcp://HOST:PORT or unix:///path, got {value!r}")
+        _check(HOST_RE, "admin host", match.group(1))
+        return value
+
+
+class HealthSettings(_Strict):
+    """The health gate an instance must pass before it takes traffic again."""
+
+    consecutive_successes: Annotated[
+        int, Field(ge=1, le=100, description="Consecutive 2xx answers from the health URL needed.")
+    ] = 3
+    interval_seconds: Annotated[float, Field(gt=0, le=60, description="Time between two health probes.")] = 0.5
+    request_timeout_seconds: Annotated[float, Field(gt=0, le=60, description="Limit for one health probe.")] = 2.0
+    timeout_seconds: Annotated[
+        float, Field(gt=0, le=3600, description="Deadline for the instance to become healthy after `up`.")
+    ] = 120.0
+    stabilization_seconds: Annotated[
+        float,
+        Field(ge=0, le=3600, description="After passing, it must stay healthy (same container, no restart) this long."),
+    ] = 2.0
+    lb_timeout_seconds: Annotated[
+        float, Field(gt=0, le=3600, description="Deadline for the LB's own check to report the server UP.")
+    ] = 60.0
+
+
+class RolloutPolicy(_Strict):
+    """How many instances leave rotation at once, and what to do when draining is slow."""
+
+    batch_size: Annotated[
+        int | str,
+        Field(description="Instances updated at once: a count (1) or a percentage of the fleet ('25%')."),
+    ] = 1
+    canary: Annotated[bool, Field(description="Update one instance alone first, whatever the batch size.")] = False
+    pause_between_batches_seconds: Annotated[float, Field(ge=0, le=3600, description="Wait between two batches.")] = 0.0
+    drain_timeout_seconds: Annotated[
+        float,
+        Field(
+            gt=0,
+            le=86400,
+            description="How long to wait for active sessions to reach zero (Terrateam: 120 s requests).",
+        ),
+    ] = 130.0
+    on_drain_timeout: Annotated[
+        Literal["fail", "proceed"],
+        Field(description="`fail`: abort and roll back; `proceed`: cut the remaining sessions and go on."),
+    ] = "fail"
+    allow_single_instance: Annotated[
+        bool, Field(description="Allow a fleet of one instance (it cannot stay up during the update).")
+    ] = False
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch(cls, value: int | str) -> int | str:
+        if isinstance(value, int):
+            if value < 1:
+                raise ValueError("batch_size must be at least 1")
+            return value
+        if value.isdigit() and int(value) >= 1:
+            return int(value)
+        if not BATCH_RE.fullmatch(value):
+            raise ValueError(f"batch_size must be a count or a percentage like '25%', got {value!r}")
+        return value
+
+    def batch_count(self, fleet_size: int) -> int:
+        """How many instances one batch holds for a fleet of `fleet_size`."""
+        if isinstance(self.batch_size, int):
+            return self.batch_size
+        return max(1, math.floor(fleet_size * int(self.batch_size[:-1]) / 100))
+
+
+class Instance(_Strict):
+    """One Compose host behind the load balancer."""
+
+    name: Annotated[str, Field(description="Unique name (lowercase letters, digits, dashes).")]
+    host: Annotated[str, Field(description="Address or DNS name for SSH.")]
+    ssh_port: Annotated[int | None, Field(ge=1, le=65535, description="Overrides ssh.port.")] = None
+    ssh_user: Annotated[str | None, Field(description="Overrides ssh.user.")] = None
+    project_directory: Annotated[str, Field(description="Absolute path of the Compose project on the host.")]
+    compose_file: Annotated[str, Field(description="Compose file, relative to project_directory.")] = (
+        "docker-compose.yml"
+    )
+    project_name: Annotated[
+        str | None, Field(description="Compose project name; default: the project directory's name.")
+    ] = None
+    lb_server: Annotated[str, Field(description="This instance's server name in the LB backend.")]
+    health_url: Annotated[str, Field(description="URL the orchestrator polls, e.g. http://10.0.0.5:8080/health.")]
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return _check(NAME_RE, "instance name", value)
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        try:
+            return str(ipaddress.ip_address(value))
+        except ValueError:
+            return _check(HOST_RE, "host", value)
+
+    @field_validator("ssh_user")
+    @classmethod
+    def _user(cls, value: str | None) -> str | None:
+        return None if value is None else _check(USER_RE, "SSH user", value)
+
+    @field_validator("project_directory")
+    @classmethod
+    def _directory(cls, value: str) -> str:
+        return _absolute_posix(value, "project_directory")
+
+    @field_validator("compose_file")
+    @classmethod
+    def _file(cls, value: str) -> str:
+        path = PurePosixPath(value)
+        if path.is_absolute() or ".." in path.parts or not re.fullmatch(r"[A-Za-z0-9_./-]+", value):
+            raise ValueError(f"compose_file must be a plain relative file name, got {value!r}")
+        return value
+
+    @field_validator("project_name")
+    @classmethod
+    def _project(cls, value: str | None) -> str | None:
+        return None if value is None else _check(re.compile(r"[a-z0-9][a-z0-9_-]*"), "project name", value)
+
+    @field_validator("lb_server")
+    @classmethod
+    def _server(cls, value: str) -> str:
+        return _check(IDENT_RE, "LB server name", value)
+
+    @field_validator("health_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", value):
+            raise ValueError(f"health_url must be an http(s) URL, got {value!r}")
+        return value
+
+    @property
+    def compose_path(self) -> str:
+        """Absolute path of the compose file on the host."""
+        return str(PurePosixPath(self.project_directory) / self.compose_file)
+
+    @property
+    def compose_project(self) -> str:
+        """The Compose project name (as Compose derives it from the directory)."""
+        if self.project_name:
+            return self.project_name
+        return re.sub(r"[^a-z0-9_-]", "", PurePosixPath(self.project_directory).name.lower())
+
+
+class RegistrySettings(_Strict):
+    """Credentials for resolving tags to digests (hosts pull with their own `docker login`)."""
+
+    username: Annotated[str | None, Field(description="Registry user, if the repository is private.")] = None
+    password: Annotated[SecretStr | None, Field(description="Registry password or token.")] = None
+    timeout_seconds: Annotated[float, Field(gt=0, le=120, description="Limit for one registry request.")] = 10.0
+    plain_http_hosts: Annotated[
+        list[str], Field(description="Registries spoken to over plain HTTP (loopback ones always are).")
+    ] = []
+
+
+class Fleet(BaseSettings):
+    """A fleet: the instances of one Compose service behind one load balancer."""
+
+    model_config = SettingsConfigDict(env_prefix="ROLLOUT_", env_nested_delimiter="__", extra="forbid", frozen=True)
+
+    name: Annotated[str, Field(description="Fleet name, used for locks, history and artifacts.")]
+    service: Annotated[str, Field(description="The Compose service that is updated.")] = "server"
+    image_repository: Annotated[
+        str, Field(description="Image repository without tag, e.g. ghcr.io/terrateamio/terrat-oss.")
+    ]
+    ssh: SshSettings = SshSettings()
+    compose: ComposeSettings = ComposeSettings()
+    load_balancer: LoadBalancerSettings
+    health: HealthSettings = HealthSettings()
+    rollout: RolloutPolicy = RolloutPolicy()
+    registry: RegistrySettings = RegistrySettings()
+    state_directory: Annotated[Path, Field(description="Where run journals are kept on the orchestrator.")] = Path(
+        "~/.local/state/compose-rollout"
+    )
+    instances: Annotated[list[Instance], Field(min_length=1, description="The instances, in update order.")]
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Explicit arguments, then environment, then the YAML file.
+        return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls))
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return _check(NAME_RE, "fleet name", value)
+
+    @field_validator("service")
+    @classmethod
+    def _service(cls, value: str) -> str:
+        return _check(IDENT_RE, "service name", value)
+
+    @field_validator("image_repository")
+    @classmethod
+    def _repository(cls, value: str) -> str:
+        try:
+            return validate_repository(value)
+        except ConfigError as error:
+            raise ValueError(str(error)) from None
+
+    @model_validator(mode="after")
+    def _fleet(self) -> Fleet:
+        for attribute in ("name", "lb_server"):
+            values = [getattr(instance, attribute) for instance in self.instances]
+            duplicates = sorted({value for value in values if values.count(value) > 1})
+            if duplicates:
+                raise ValueError(f"instances: duplicate {attribute} {', '.join(duplicates)}")
+        size = len(self.instances)
+        if size < 2 and not self.rollout.allow_single_instance:
+            raise ValueError(
+                "instances: a fleet of one cannot stay up while it is updated; "
+                "set rollout.allow_single_instance: true to accept downtime"
+            )
+        if size >= 2 and self.rollout.batch_count(size) >= size:
+            raise ValueError(
+                f"rollout.batch_size: {self.rollout.batch_size} would take all {size} instances out of rotation at once"
+            )
+        return self
+
+    def instance(self, name: str) -> Instance:
+        """The instance called `name`."""
+        for instance in self.instances:
+            if instance.name == name:
+                return instance
+        raise ConfigError(f"fleet {self.name} has no instance {name!r}")
+
+    def ssh_port(self, instance: Instance) -> int:
+        """The SSH port for `instance`."""
+        return instance.ssh_port or self.ssh.port
+
+    def ssh_user(self, instance: Instance) -> str:
+        """The SSH user for `instance`."""
+        return instance.ssh_user or self.ssh.user
+
+
+def _format_error(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        path = ""
+        for part in item["loc"]:
+            path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"{path or 'fleet'}: {message}")
+    return "; ".join(lines)
+
+
+def load_fleet(path: Path | str, **overrides: object) -> Fleet:
+    """Load and validate a fleet file; raise ConfigError naming every bad path."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"fleet file {path} does not exist")
+
+    class _FromFile(Fleet):
+        model_config = SettingsConfigDict(yaml_file=path)
+
+    try:
+        loaded = _FromFile(**overrides)  # type: ignore[arg-type]
+    except ValidationError as error:
+        raise ConfigError(f"fleet file {path}: {_format_error(error)}") from None
+    except (OSError, ValueError) as error:  # unreadable file or YAML syntax
+        raise ConfigError(f"fleet file {path}: {error}") from None
+    return Fleet.model_construct(**dict(loaded))

@@ -1,0 +1,182 @@
+"""HAProxy through its admin (stats) socket: drain, ready, and what it sees.
+
+Command builders and parsers are pure; `HaproxyClient` sends one command per
+connection, as HAProxy's non-interactive mode expects, with a timeout on each.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import socket
+from dataclasses import dataclass
+from typing import Literal
+
+from compose_rollout.errors import LoadBalancerError
+
+AdminState = Literal["ready", "drain", "maint"]
+
+# srv_op_state in `show servers state` (HAProxy's enum srv_state).
+OP_STOPPED, OP_STARTING, OP_RUNNING, OP_STOPPING = 0, 1, 2, 3
+# srv_admin_state bits (HAProxy's enum srv_admin).
+ADMF_MAINT_MASK = 0x01 | 0x02 | 0x20  # forced, inherited, DNS-resolution maintenance
+ADMF_DRAIN_MASK = 0x08 | 0x10  # forced, inherited drain
+_OP_NAMES = {OP_STOPPED: "DOWN", OP_STARTING: "STARTING", OP_RUNNING: "UP", OP_STOPPING: "STOPPING"}
+MAX_RESPONSE_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServerState:
+    """One server as HAProxy sees it: check result, admin state, active sessions."""
+
+    name: str
+    op_state: int
+    admin_state: int
+    sessions: int
+    check_status: str
+
+    @property
+    def up(self) -> bool:
+        """The health checks pass (whatever the admin state)."""
+        return self.op_state == OP_RUNNING
+
+    @property
+    def drained(self) -> bool:
+        return bool(self.admin_state & ADMF_DRAIN_MASK)
+
+    @property
+    def in_maintenance(self) -> bool:
+        return bool(self.admin_state & ADMF_MAINT_MASK)
+
+    @property
+    def in_rotation(self) -> bool:
+        """Up and taking new connections."""
+        return self.up and not self.drained and not self.in_maintenance
+
+    def describe(self) -> str:
+        admin = "MAINT" if self.in_maintenance else "DRAIN" if self.drained else "READY"
+        check = f", check {self.check_status}" if self.check_status else ""
+        return f"{_OP_NAMES.get(self.op_state, self.op_state)}/{admin}, {self.sessions} sessions{check}"
+
+
+def set_server_state(backend: str, server: str, state: AdminState) -> str:
+    """The admin command that puts a server in `state`."""
+    return f"set server {backend}/{server} state {state}"
+
+
+def shutdown_sessions(backend: str, server: str) -> str:
+    """The admin command that cuts every session still open on a server."""
+    return f"shutdown sessions server {backend}/{server}"
+
+
+def show_servers_state(backend: str) -> str:
+    return f"show servers state {backend}"
+
+
+SHOW_STAT = "show stat"
+
+
+def parse_show_stat(text: str, backend: str) -> dict[str, dict[str, str]]:
+    """`show stat` CSV rows of `backend`'s servers, by server name."""
+    body = text.lstrip("# ")
+    rows = csv.DictReader(io.StringIO(body))
+    return {
+        row["svname"]: row
+        for row in rows
+        if row.get("pxname") == backend and row.get("svname") not in ("BACKEND", "FRONTEND")
+    }
+
+
+def parse_servers_state(text: str, backend: str) -> dict[str, tuple[int, int]]:
+    """(op_state, admin_state) per server from `show servers state`."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    header = next((line for line in lines if line.startswith("#")), None)
+    if header is None:
+        raise LoadBalancerError(f"unexpected `show servers state` output: {text[:200]!r}")
+    columns = header.lstrip("# ").split()
+    states = {}
+    for line in lines:
+        if line.startswith("#") or line.strip().isdigit():
+            continue
+        fields = dict(zip(columns, line.split(), strict=False))
+        if fields.get("be_name") == backend:
+            states[fields["srv_name"]] = (int(fields["srv_op_state"]), int(fields["srv_admin_state"]))
+    return states
+
+
+class HaproxyClient:
+    """HAProxy's admin socket at `tcp://HOST:PORT` or `unix:///path`."""
+
+    def __init__(self, address: str, backend: str, timeout: float) -> None:
+        self.address = address
+        self.backend = backend
+        self.timeout = timeout
+
+    def _open(self) -> socket.socket:
+        if self.address.startswith("unix://"):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            target: str | tuple[str, int] = self.address[len("unix://") :]
+        else:
+            host, _, port = self.address[len("tcp://") :].rpartition(":")
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            target = (host, int(port))
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(target)
+        except OSError as error:
+            sock.close()
+            raise LoadBalancerError(f"HAProxy admin socket {self.address} unreachable: {error}") from None
+        return sock
+
+    def command(self, text: str) -> str:
+        """Send one command; return HAProxy's answer."""
+        with self._open() as sock:
+            try:
+                sock.sendall(text.encode() + b"\n")
+                chunks = []
+                received = 0
+                while chunk := sock.recv(65536):
+                    chunks.append(chunk)
+                    received += len(chunk)
+                    if received > MAX_RESPONSE_BYTES:
+                        raise LoadBalancerError(f"HAProxy answer to `{text}` is too large")
+            except OSError as error:
+                raise LoadBalancerError(f"HAProxy admin socket {self.address}: `{text}` failed: {error}") from None
+        return b"".join(chunks).decode(errors="replace")
+
+    def _act(self, text: str) -> None:
+        answer = self.command(text).strip()
+        if answer:  # admin commands answer nothing on success
+            raise LoadBalancerError(f"HAProxy refused `{text}`: {answer}")
+
+    def set_state(self, server: str, state: AdminState) -> None:
+        """Put `server` in `state` (drain: no new connections; ready: back in rotation)."""
+        self._act(set_server_state(self.backend, server, state))
+
+    def shutdown_sessions(self, server: str) -> None:
+        """Cut the sessions still open on `server`."""
+        self._act(shutdown_sessions(self.backend, server))
+
+    def servers(self) -> dict[str, ServerState]:
+        """Every server of the backend as HAProxy sees it now."""
+        states = parse_servers_state(self.command(show_servers_state(self.backend)), self.backend)
+        if not states:
+            raise LoadBalancerError(f"HAProxy has no backend {self.backend!r} (or it has no servers)")
+        stats = parse_show_stat(self.command(SHOW_STAT), self.backend)
+        return {
+            name: ServerState(
+                name=name,
+                op_state=op_state,
+                admin_state=admin_state,
+                sessions=int(stats.get(name, {}).get("scur") or 0),
+                check_status=stats.get(name, {}).get("check_status", ""),
+            )
+            for name, (op_state, admin_state) in states.items()
+        }
+
+    def server(self, name: str) -> ServerState:
+        """One server of the backend."""
+        servers = self.servers()
+        if name not in servers:
+            raise LoadBalancerError(f"HAProxy backend {self.backend} has no server {name!r}")
+        return servers[name]

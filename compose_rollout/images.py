@@ -1,0 +1,98 @@
+"""Image references, validated by the grammar of distribution/reference.
+
+Every image value that reaches a remote command or a compose file passes through
+`parse_reference`; anything else is refused before a host is touched.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from compose_rollout.errors import ConfigError
+
+_ALNUM = r"[a-z0-9]+"
+_SEPARATOR = r"(?:[._]|__|-+)"
+_PATH_COMPONENT = rf"{_ALNUM}(?:{_SEPARATOR}{_ALNUM})*"
+_DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_DOMAIN = rf"{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*(?::[0-9]+)?"
+_REPOSITORY_RE = re.compile(rf"(?:{_DOMAIN}/)?{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*")
+TAG_RE = re.compile(r"[\w][\w.-]{0,127}", re.ASCII)
+# Only sha256, and only in its canonical lowercase form: an upper-case digest names
+# the same bytes but is not what registries and docker print, so it is refused.
+DIGEST_RE = re.compile(r"sha256:[a-f0-9]{64}")
+
+MAX_REPOSITORY_LENGTH = 255
+DOCKER_HUB = "docker.io"
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """`repository[:tag][@digest]`, each part already validated."""
+
+    repository: str
+    tag: str | None = None
+    digest: str | None = None
+
+    def __str__(self) -> str:
+        text = self.repository
+        if self.tag:
+            text += f":{self.tag}"
+        if self.digest:
+            text += f"@{self.digest}"
+        return text
+
+    def with_digest(self, digest: str) -> ImageRef:
+        """The same tag pinned to `digest` (written as `repo:tag@sha256:...`)."""
+        return ImageRef(self.repository, self.tag, validate_digest(digest))
+
+    @property
+    def registry(self) -> str:
+        """The registry host (with port), `docker.io` when the name has none."""
+        first, _, rest = self.repository.partition("/")
+        if rest and ("." in first or ":" in first or first == "localhost"):
+            return first
+        return DOCKER_HUB
+
+    @property
+    def path(self) -> str:
+        """The repository path inside its registry (`library/` added on Docker Hub)."""
+        first, _, rest = self.repository.partition("/")
+        if rest and ("." in first or ":" in first or first == "localhost"):
+            return rest
+        return self.repository if "/" in self.repository else f"library/{self.repository}"
+
+
+def validate_repository(repository: str) -> str:
+    """Return `repository` if it is a valid image name without tag or digest."""
+    if len(repository) > MAX_REPOSITORY_LENGTH or not _REPOSITORY_RE.fullmatch(repository):
+        raise ConfigError(f"invalid image repository {repository!r}: expected e.g. ghcr.io/org/app")
+    return repository
+
+
+def validate_tag(tag: str) -> str:
+    """Return `tag` if it is a valid tag (letters, digits, `_.-`, at most 128 characters)."""
+    if not TAG_RE.fullmatch(tag):
+        raise ConfigError(f"invalid image tag {tag!r}: a tag is 1-128 of [A-Za-z0-9_.-], not starting with . or -")
+    return tag
+
+
+def validate_digest(digest: str) -> str:
+    """Return `digest` if it is a canonical `sha256:<64 lowercase hex>` digest."""
+    if not DIGEST_RE.fullmatch(digest):
+        raise ConfigError(f"invalid image digest {digest!r}: expected sha256:<64 lowercase hex digits>")
+    return digest
+
+
+def parse_reference(text: str) -> ImageRef:
+    """Parse and validate `repository[:tag][@digest]`; raise ConfigError if malformed."""
+    name, at, digest = text.partition("@")
+    if at:
+        validate_digest(digest)
+    repository, tag = name, None
+    last_slash = name.rfind("/")
+    colon = name.rfind(":")
+    if colon > last_slash:
+        repository, tag = name[:colon], validate_tag(name[colon + 1 :])
+    validate_repository(repository)
+    return ImageRef(repository, tag, digest if at else None)

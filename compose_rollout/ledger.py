@@ -1,0 +1,124 @@
+"""What this run changed, per instance: the only thing rollback and recovery read.
+
+The ledger is written to a journal file on the orchestrator after every change, so a
+run killed mid-instance leaves enough behind (the original compose bytes included) to
+finish or revert it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Outcome = Literal["pending", "unchanged", "updated", "failed", "rolled back", "rollback failed"]
+
+
+@dataclass
+class InstanceRecord:
+    """One instance in one run: where it started, what was done to it, how it ended."""
+
+    name: str
+    compose_path: str
+    old_image: str
+    old_image_id: str
+    original: bytes
+    mode: int
+    new_image: str = ""
+    drained: bool = False
+    file_written: bool = False
+    restarted: bool = False
+    outcome: Outcome = "pending"
+    step: str = ""
+    error: str = ""
+    sessions_at_drain: int = 0
+    sessions_cut: int = 0
+    drained_at: float | None = None
+    enabled_at: float | None = None
+    seconds_to_healthy: float | None = None
+    rollback_attempted: bool = False
+
+    @property
+    def seconds_out_of_rotation(self) -> float | None:
+        if self.drained_at is None or self.enabled_at is None:
+            return None
+        return self.enabled_at - self.drained_at
+
+    @property
+    def changed(self) -> bool:
+        """The run changed something on this instance that a rollback must undo."""
+        return self.file_written or self.restarted
+
+
+@dataclass
+class Ledger:
+    """Every instance record of one run, persisted to `journal` on each change."""
+
+    fleet: str
+    run_id: str
+    target: str
+    journal: Path | None = None
+    started_at: float = field(default_factory=time.time)
+    records: dict[str, InstanceRecord] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, record: InstanceRecord) -> None:
+        with self._lock:
+            self.records[record.name] = record
+        self.save()
+
+    def update(self, name: str, **changes: Any) -> InstanceRecord:
+        """Change fields of one record and persist the journal."""
+        with self._lock:
+            record = self.records[name]
+            for key, value in changes.items():
+                setattr(record, key, value)
+        self.save()
+        return record
+
+    def __getitem__(self, name: str) -> InstanceRecord:
+        return self.records[name]
+
+    def to_json(self) -> dict[str, Any]:
+        records = []
+        for record in self.records.values():
+            data = asdict(record)
+            data["original"] = base64.b64encode(record.original).decode()
+            records.append(data)
+        return {
+            "fleet": self.fleet,
+            "run_id": self.run_id,
+            "target": self.target,
+            "started_at": self.started_at,
+            "records": records,
+        }
+
+    def save(self) -> None:
+        """Write the journal atomically (no-op without a journal path)."""
+        if self.journal is None:
+            return
+        with self._lock:
+            payload = json.dumps(self.to_json(), indent=1)
+        self.journal.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp = tempfile.mkstemp(dir=self.journal.parent, prefix=".journal-")
+        with os.fdopen(handle, "w") as stream:
+            stream.write(payload)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temp, self.journal)
+
+    @classmethod
+    def load(cls, journal: Path) -> Ledger:
+        """Read a journal left by an earlier run."""
+        data = json.loads(journal.read_text())
+        ledger = cls(data["fleet"], data["run_id"], data["target"], journal, data["started_at"])
+        for item in data["records"]:
+            item["original"] = base64.b64decode(item["original"])
+            ledger.records[item["name"]] = InstanceRecord(**item)
+        return ledger

@@ -1,0 +1,417 @@
+"""The domain: what it means to move one instance from one image to another.
+
+Each public function is one verb of the seed procedure (drain, wait for sessions,
+set image, ensure image, up, await healthy, await LB up, enable) acting through the
+context's executors; Prefect tasks wrap them one to one. Every wait has a deadline
+and the clock is injectable, so unit tests run instantly.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import requests
+
+from compose_rollout import commands
+from compose_rollout.commands import ComposeVersion
+from compose_rollout.compose_file import current_image, set_image
+from compose_rollout.config import Fleet, Instance
+from compose_rollout.errors import (
+    ConfigError,
+    HostKeyError,
+    PreflightError,
+    RemoteError,
+    RolloutError,
+    WaitTimeout,
+)
+from compose_rollout.haproxy import HaproxyClient, ServerState
+from compose_rollout.images import ImageRef, parse_reference
+from compose_rollout.ledger import InstanceRecord, Ledger
+from compose_rollout.remote import Executor, SshHost
+
+
+class Clock(Protocol):
+    def monotonic(self) -> float: ...
+
+    def sleep(self, seconds: float) -> None: ...
+
+
+class SystemClock:
+    """The real clock."""
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+HealthProbe = Callable[[str, float], tuple[bool, str]]
+
+
+def http_health(url: str, timeout: float) -> tuple[bool, str]:
+    """One probe of a health URL on a new connection: (2xx?, what was seen)."""
+    try:
+        response = requests.get(url, timeout=(timeout, timeout), allow_redirects=False, headers={"Connection": "close"})
+    except requests.RequestException as error:
+        return False, f"{type(error).__name__}: {error}"
+    return 200 <= response.status_code < 300, f"HTTP {response.status_code}"
+
+
+@dataclass
+class Context:
+    """Everything a run needs: the fleet, one executor per host, the LB, the clock."""
+
+    fleet: Fleet
+    hosts: dict[str, Executor]
+    lb: HaproxyClient
+    clock: Clock = field(default_factory=SystemClock)
+    probe: HealthProbe = http_health
+    compose_versions: dict[str, ComposeVersion] = field(default_factory=dict)
+
+    @classmethod
+    def connect(cls, fleet: Fleet) -> Context:
+        """Build the real context (connections open lazily, once per host)."""
+        hosts: dict[str, Executor] = {
+            instance.name: SshHost(
+                name=instance.name,
+                hostname=instance.host,
+                port=fleet.ssh_port(instance),
+                user=fleet.ssh_user(instance),
+                key_file=fleet.ssh.key_file,
+                known_hosts_file=fleet.ssh.known_hosts_file,
+                connect_timeout=fleet.ssh.connect_timeout_seconds,
+                key_passphrase=fleet.ssh.key_passphrase,
+            )
+            for instance in fleet.instances
+        }
+        lb = HaproxyClient(
+            fleet.load_balancer.admin_address, fleet.load_balancer.backend, fleet.load_balancer.timeout_seconds
+        )
+        return cls(fleet=fleet, hosts=hosts, lb=lb)
+
+    def close(self) -> None:
+        for host in self.hosts.values():
+            host.close()
+
+    def run(self, instance: Instance, argv: list[str], timeout: float | None = None) -> str:
+        """Run argv on the instance's host; its stdout."""
+        limit = timeout or self.fleet.ssh.command_timeout_seconds
+        return self.hosts[instance.name].run(argv, timeout=limit).stdout
+
+
+# --- reading state ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ContainerState:
+    """The service's container on one host, from `docker inspect`."""
+
+    id: str
+    image_id: str
+    image: str
+    status: str
+    restart_count: int
+    health: str
+
+    def describe(self) -> str:
+        health = f", docker health {self.health}" if self.health else ""
+        return f"container {self.id[:12]} {self.status}, image {self.image_id[:19]}{health}"
+
+
+def compose_version(ctx: Context, instance: Instance) -> ComposeVersion:
+    """The Compose flavour on the instance's host (configured, or detected once)."""
+    if ctx.fleet.compose.command != "auto":
+        return ctx.fleet.compose.command
+    if instance.name not in ctx.compose_versions:
+        host = ctx.hosts[instance.name]
+        for version in ("v2", "v1"):
+            if host.run(commands.compose_probe(version), timeout=30, check=False).ok:
+                ctx.compose_versions[instance.name] = version
+                break
+        else:
+            raise RemoteError(f"{instance.name}: neither `docker compose` nor `docker-compose` works")
+    return ctx.compose_versions[instance.name]
+
+
+def container_state(ctx: Context, instance: Instance) -> ContainerState | None:
+    """The service's container, or None if there is none."""
+    ids = ctx.run(instance, commands.service_containers(instance, ctx.fleet.service)).split()
+    if not ids:
+        return None
+    if len(ids) > 1:
+        raise RemoteError(
+            f"{instance.name}: service {ctx.fleet.service} has {len(ids)} containers; "
+            "compose-rollout updates one container per instance"
+        )
+    info = json.loads(ctx.run(instance, commands.inspect_container(ids[0])))[0]
+    state = info["State"]
+    return ContainerState(
+        id=info["Id"],
+        image_id=info["Image"],
+        image=info["Config"]["Image"],
+        status=state["Status"],
+        restart_count=int(info.get("RestartCount", 0)),
+        health=(state.get("Health") or {}).get("Status", ""),
+    )
+
+
+def local_image_id(ctx: Context, instance: Instance, image: str) -> str | None:
+    """The ID of `image` on the host, or None if the host does not have it."""
+    host = ctx.hosts[instance.name]
+    result = host.run(commands.image_id(image), timeout=ctx.fleet.ssh.command_timeout_seconds, check=False)
+    return result.stdout.strip() if result.ok else None
+
+
+def running_digest(ctx: Context, instance: Instance, container: ContainerState) -> str:
+    """`repo@sha256:...` of the image the container runs (its ID if the host has no digest)."""
+    result = ctx.hosts[instance.name].run(commands.image_repo_digests(container.image_id), timeout=30, check=False)
+    digests = json.loads(result.stdout or "[]") if result.ok else []
+    try:
+        repository = parse_reference(container.image).repository
+    except ConfigError:
+        repository = ""
+    matching = [d for d in digests if d.split("@")[0] == repository]
+    return str((matching or digests or [container.image_id])[0])
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """An instance as found before the run: its compose file and what it runs."""
+
+    instance: Instance
+    compose: bytes
+    mode: int
+    image: str
+    container: ContainerState
+
+
+def snapshot(ctx: Context, instance: Instance) -> Snapshot:
+    """Read the compose file and the running container; refuse anything unexpected."""
+    host = ctx.hosts[instance.name]
+    where = f"{instance.name}:{instance.compose_path}"
+    compose = host.read_file(instance.compose_path)
+    image = current_image(compose, ctx.fleet.service, where)
+    container = container_state(ctx, instance)
+    if container is None:
+        raise PreflightError(f"{instance.name}: service {ctx.fleet.service} has no container; is it deployed?")
+    return Snapshot(instance, compose, host.file_mode(instance.compose_path), image, container)
+
+
+def target_image(fleet: Fleet, tag: str | None, image: str | None) -> ImageRef:
+    """Validate the requested tag or image (exactly one of them)."""
+    if (tag is None) == (image is None):
+        raise RolloutError("give exactly one of a tag or an image")
+    if image is not None:
+        ref = parse_reference(image)
+        if ref.tag is None and ref.digest is None:
+            raise RolloutError(f"image {image!r} has neither tag nor digest; name the version to deploy")
+        return ref
+    return parse_reference(f"{fleet.image_repository}:{tag}")
+
+
+# --- preflight -------------------------------------------------------------------------
+
+
+def preflight_instance(ctx: Context, instance: Instance) -> Snapshot:
+    """Host reachable (verified key), Compose present, service deployed and running."""
+    compose_version(ctx, instance)
+    found = snapshot(ctx, instance)
+    if found.container.status != "running":
+        raise PreflightError(f"{instance.name}: {found.container.describe()}, not running")
+    return found
+
+
+def preflight_lb(ctx: Context) -> dict[str, ServerState]:
+    """Every instance's server exists in the LB and is UP and in rotation."""
+    servers = ctx.lb.servers()
+    problems = []
+    for instance in ctx.fleet.instances:
+        server = servers.get(instance.lb_server)
+        if server is None:
+            problems.append(f"{instance.name}: LB backend {ctx.lb.backend} has no server {instance.lb_server!r}")
+        elif not server.in_rotation:
+            problems.append(f"{instance.name}: LB server {instance.lb_server} is {server.describe()}, not in rotation")
+    if problems:
+        raise PreflightError("; ".join(problems))
+    return servers
+
+
+def in_parallel(
+    ctx: Context, action: Callable[[Instance], object], instances: Iterable[Instance]
+) -> dict[str, BaseException]:
+    """Run `action` for every instance at once; the errors by instance name."""
+    chosen = list(instances)
+    errors: dict[str, BaseException] = {}
+    with ThreadPoolExecutor(max_workers=max(1, min(16, len(chosen)))) as pool:
+        futures = {instance.name: pool.submit(action, instance) for instance in chosen}
+    for name, future in futures.items():
+        error = future.exception()
+        if error is not None:
+            errors[name] = error
+    return errors
+
+
+# --- the per-instance verbs ------------------------------------------------------------
+
+
+def pull_image(ctx: Context, instance: Instance, image: str) -> str:
+    """Make sure the host has `image`; return its local image ID."""
+    existing = local_image_id(ctx, instance, image)
+    if existing:
+        return existing
+    timeout = ctx.fleet.compose.pull_timeout_seconds
+    ctx.run(instance, commands.with_timeout(commands.image_pull(image), timeout), timeout=timeout + 15)
+    pulled = local_image_id(ctx, instance, image)
+    if not pulled:
+        raise RemoteError(f"{instance.name}: `docker pull {image}` succeeded but the image is not there")
+    return pulled
+
+
+def drain(ctx: Context, instance: Instance, ledger: Ledger) -> int:
+    """Stop new connections to the instance; return the sessions it still had."""
+    ctx.lb.set_state(instance.lb_server, "drain")
+    sessions = ctx.lb.server(instance.lb_server).sessions
+    record = ledger[instance.name]
+    ledger.update(
+        instance.name,
+        drained=True,
+        sessions_at_drain=sessions,
+        drained_at=record.drained_at or time.time(),
+    )
+    return sessions
+
+
+def wait_for_sessions(ctx: Context, instance: Instance, ledger: Ledger) -> int:
+    """Wait until the LB counts no active session on the instance; return sessions cut."""
+    policy = ctx.fleet.rollout
+    deadline = ctx.clock.monotonic() + policy.drain_timeout_seconds
+    while True:
+        server = ctx.lb.server(instance.lb_server)
+        if server.sessions == 0:
+            return 0
+        if ctx.clock.monotonic() >= deadline:
+            if policy.on_drain_timeout == "proceed":
+                ctx.lb.shutdown_sessions(instance.lb_server)
+                ledger.update(instance.name, sessions_cut=server.sessions)
+                return server.sessions
+            raise WaitTimeout(
+                f"{instance.lb_server} to finish its sessions (rollout.on_drain_timeout: fail)",
+                policy.drain_timeout_seconds,
+                server.describe(),
+            )
+        ctx.clock.sleep(0.1)
+
+
+def write_compose(ctx: Context, instance: Instance, ledger: Ledger, image: str) -> None:
+    """Write the compose file with `image` for the service (atomically, original kept in the ledger)."""
+    record = ledger[instance.name]
+    where = f"{instance.name}:{instance.compose_path}"
+    content = (
+        set_image(record.original, ctx.fleet.service, image, where) if image != record.old_image else record.original
+    )
+    ctx.hosts[instance.name].write_file_atomic(instance.compose_path, content, record.mode)
+    ledger.update(instance.name, file_written=image != record.old_image)
+
+
+def restore_compose(ctx: Context, instance: Instance, record: InstanceRecord) -> None:
+    """Put back the compose file exactly as it was before the run, byte for byte."""
+    host = ctx.hosts[instance.name]
+    if host.read_file(instance.compose_path) != record.original:
+        host.write_file_atomic(instance.compose_path, record.original, record.mode)
+
+
+def up(ctx: Context, instance: Instance, ledger: Ledger) -> None:
+    """`up -d --no-deps SERVICE`: recreate the container from the compose file."""
+    timeout = ctx.fleet.compose.up_timeout_seconds
+    argv = commands.compose_up(instance, compose_version(ctx, instance), ctx.fleet.service)
+    ledger.update(instance.name, restarted=True)
+    ctx.run(instance, commands.with_timeout(argv, timeout), timeout=timeout + 15)
+
+
+def await_healthy(ctx: Context, instance: Instance, image_id: str) -> float:
+    """Wait for N consecutive healthy probes from a container running `image_id`, then a
+    stabilisation window in which it must stay so (same container, no restart).
+
+    Returns the seconds it took. Raises WaitTimeout with the last state seen.
+    """
+    health = ctx.fleet.health
+    started = ctx.clock.monotonic()
+    deadline = started + health.timeout_seconds
+    passes, last = 0, "nothing yet"
+    stable_since: float | None = None
+    stable_container: ContainerState | None = None
+    while True:
+        container = container_state(ctx, instance)
+        if container is None:
+            ok, last = False, "no container"
+        elif container.image_id != image_id:
+            ok, last = False, f"{container.describe()}, expected image {image_id[:19]}"
+        elif container.status != "running":
+            ok, last = False, container.describe()
+        elif stable_container and (container.id, container.restart_count) != (
+            stable_container.id,
+            stable_container.restart_count,
+        ):
+            ok, last = False, f"{container.describe()} restarted after passing"
+        else:
+            ok, seen = ctx.probe(instance.health_url, health.request_timeout_seconds)
+            last = f"{instance.health_url}: {seen}; {container.describe()}"
+        now = ctx.clock.monotonic()
+        if not ok and stable_since is not None:
+            raise RolloutError(
+                f"{instance.name} passed its health check, then failed within the "
+                f"{health.stabilization_seconds:g} s stabilisation window: {last}"
+            )
+        passes = passes + 1 if ok else 0
+        if passes >= health.consecutive_successes and stable_since is None:
+            stable_since, stable_container = now, container
+        if stable_since is not None and now - stable_since >= health.stabilization_seconds:
+            return now - started
+        if now >= deadline:
+            raise WaitTimeout(f"{instance.name} to become healthy", health.timeout_seconds, last)
+        ctx.clock.sleep(health.interval_seconds)
+
+
+def await_lb_up(ctx: Context, instance: Instance) -> None:
+    """Wait until the LB's own health check reports the server UP (it stays drained)."""
+    timeout = ctx.fleet.health.lb_timeout_seconds
+    deadline = ctx.clock.monotonic() + timeout
+    while True:
+        server = ctx.lb.server(instance.lb_server)
+        if server.up:
+            return
+        if ctx.clock.monotonic() >= deadline:
+            raise WaitTimeout(f"the LB to see {instance.lb_server} UP", timeout, server.describe())
+        ctx.clock.sleep(0.1)
+
+
+def enable(ctx: Context, instance: Instance, ledger: Ledger) -> None:
+    """Put the instance back in rotation."""
+    ctx.lb.set_state(instance.lb_server, "ready")
+    ledger.update(instance.name, drained=False, enabled_at=time.time())
+
+
+def release_all(ctx: Context, ledger: Ledger) -> list[str]:
+    """Safety net: put every server this run drained back in rotation; the failures.
+
+    A server whose instance is unhealthy stays out of traffic by the LB's own checks.
+    """
+    failures = []
+    for record in ledger.records.values():
+        if record.drained:
+            try:
+                enable(ctx, ctx.fleet.instance(record.name), ledger)
+            except RolloutError as error:
+                failures.append(f"{record.name}: could not re-enable in the LB: {error}")
+    return failures
+
+
+def is_permanent(error: BaseException) -> bool:
+    """Errors a retry cannot fix: bad input, an unknown host key, a failed precondition."""
+    return isinstance(error, (ConfigError, HostKeyError, PreflightError))

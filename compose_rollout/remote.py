@@ -1,0 +1,266 @@
+"""The SSH layer: the only module that imports paramiko.
+
+One `SshHost` per host holds one connection for the whole run (commands and SFTP are
+channels on it), verifies the host key against a known_hosts file (RejectPolicy
+semantics: unknown or changed keys are refused with their fingerprint), and bounds
+every connect, command and file operation with a timeout.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import select
+import shlex
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import paramiko
+from pydantic import SecretStr
+
+from compose_rollout.errors import CommandFailed, CommandTimeout, ConnectError, HostKeyError, RemoteError
+
+MAX_FILE_BYTES = 1024 * 1024
+MAX_OUTPUT_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Result:
+    """What one remote command did."""
+
+    host: str
+    command: str
+    exit_code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+class Executor(Protocol):
+    """What the rollout needs from a host. `SshHost` is the real one; tests may fake it."""
+
+    name: str
+
+    def run(self, argv: list[str], timeout: float, check: bool = True) -> Result: ...
+
+    def read_file(self, path: str) -> bytes: ...
+
+    def file_mode(self, path: str) -> int: ...
+
+    def write_file_atomic(self, path: str, data: bytes, mode: int) -> None: ...
+
+    def remove_file(self, path: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _RefuseUnknownHost(paramiko.MissingHostKeyPolicy):
+    """Refuse any host whose key is not pinned, naming the key's fingerprint."""
+
+    def __init__(self, known_hosts: Path) -> None:
+        self.known_hosts = known_hosts
+
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+        raise HostKeyError(
+            f"{hostname}: host key {key.get_name()} {key.fingerprint} is not in {self.known_hosts}; "
+            f"verify it out of band and add it (e.g. ssh-keyscan -p PORT HOST >> {self.known_hosts})"
+        )
+
+
+class SshHost:
+    """One host reached over SSH, with a lazily opened connection reused by every call."""
+
+    def __init__(
+        self,
+        name: str,
+        hostname: str,
+        port: int,
+        user: str,
+        key_file: Path,
+        known_hosts_file: Path,
+        connect_timeout: float,
+        key_passphrase: SecretStr | None = None,
+    ) -> None:
+        self.name = name
+        self.hostname = hostname
+        self.port = port
+        self.user = user
+        self.key_file = key_file.expanduser()
+        self.known_hosts_file = known_hosts_file.expanduser()
+        self.connect_timeout = connect_timeout
+        self._passphrase = key_passphrase
+        self._lock = threading.Lock()
+        self._client: paramiko.SSHClient | None = None
+        self._sftp: paramiko.SFTPClient | None = None
+        self.connections_opened = 0
+
+    def __repr__(self) -> str:
+        return f"SshHost({self.name}: {self.user}@{self.hostname}:{self.port})"
+
+    def _connected(self) -> paramiko.SSHClient:
+        with self._lock:
+            transport = self._client.get_transport() if self._client else None
+            if transport is not None and transport.is_active():
+                return self._client  # type: ignore[return-value]
+            self._close_locked()
+            self._client = self._connect()
+            self.connections_opened += 1
+            return self._client
+
+    def _connect(self) -> paramiko.SSHClient:
+        if not self.known_hosts_file.is_file():
+            raise HostKeyError(f"{self.name}: known_hosts file {self.known_hosts_file} does not exist")
+        client = paramiko.SSHClient()
+        client.load_system_host_keys(str(self.known_hosts_file))
+        client.set_missing_host_key_policy(_RefuseUnknownHost(self.known_hosts_file))
+        where = f"{self.name} ({self.user}@{self.hostname}:{self.port})"
+        try:
+            client.connect(
+                self.hostname,
+                port=self.port,
+                username=self.user,
+                key_filename=str(self.key_file),
+                passphrase=self._passphrase.get_secret_value() if self._passphrase else None,
+                timeout=self.connect_timeout,
+                banner_timeout=self.connect_timeout,
+                auth_timeout=self.connect_timeout,
+                channel_timeout=self.connect_timeout,
+                look_for_keys=False,
+                allow_agent=False,
+            )
+        except HostKeyError:
+            client.close()
+            raise
+        except paramiko.BadHostKeyException as error:
+            client.close()
+            raise HostKeyError(
+                f"{where}: host key CHANGED: it presents {error.key.get_name()} {error.key.fingerprint}, "
+                f"{self.known_hosts_file} pins {error.expected_key.fingerprint}. "
+                "Possible man-in-the-middle; refusing to connect."
+            ) from None
+        except paramiko.AuthenticationException as error:
+            client.close()
+            raise ConnectError(f"{where}: authentication failed with key {self.key_file}: {error}") from None
+        except (OSError, paramiko.SSHException) as error:
+            client.close()
+            raise ConnectError(f"{where}: cannot connect: {error or type(error).__name__}") from None
+        return client
+
+    def run(self, argv: list[str], timeout: float, check: bool = True) -> Result:
+        """Run `argv` on the host; raise CommandFailed (if `check`) or CommandTimeout."""
+        command = shlex.join(argv)
+        client = self._connected()
+        try:
+            channel = client.get_transport().open_session(timeout=self.connect_timeout)  # type: ignore[union-attr]
+            channel.exec_command(command)
+        except (OSError, paramiko.SSHException) as error:
+            self.close()
+            raise ConnectError(f"{self.name}: lost the connection starting `{command}`: {error}") from None
+        out, err = bytearray(), bytearray()
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                while channel.recv_ready():
+                    out += channel.recv(65536)
+                while channel.recv_stderr_ready():
+                    err += channel.recv_stderr(65536)
+                if channel.exit_status_ready() and not channel.recv_ready() and not channel.recv_stderr_ready():
+                    break
+                if channel.closed and not channel.exit_status_ready():
+                    raise ConnectError(f"{self.name}: connection closed while running `{command}`")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or len(out) + len(err) > MAX_OUTPUT_BYTES:
+                    raise CommandTimeout(self.name, command, timeout, (out + err).decode(errors="replace"))
+                # Wakes on stdout, stderr or close; the cap only bounds a missed wake-up.
+                select.select([channel], [], [], min(remaining, 0.5))
+            code = channel.recv_exit_status()
+        except OSError as error:
+            raise ConnectError(f"{self.name}: connection failed while running `{command}`: {error}") from None
+        finally:
+            channel.close()
+        result = Result(self.name, command, code, out.decode(errors="replace"), err.decode(errors="replace"))
+        if check and not result.ok:
+            raise CommandFailed(self.name, command, code, result.stdout, result.stderr)
+        return result
+
+    def _sftp_client(self) -> paramiko.SFTPClient:
+        client = self._connected()
+        with self._lock:
+            if self._sftp is None or self._sftp.get_channel().closed:  # type: ignore[union-attr]
+                try:
+                    self._sftp = client.open_sftp()
+                except (OSError, paramiko.SSHException) as error:
+                    raise ConnectError(f"{self.name}: cannot open SFTP: {error}") from None
+                self._sftp.get_channel().settimeout(self.connect_timeout * 3)  # type: ignore[union-attr]
+            return self._sftp
+
+    def read_file(self, path: str) -> bytes:
+        """The bytes of a remote file (at most 1 MiB)."""
+        sftp = self._sftp_client()
+        try:
+            size = sftp.stat(path).st_size or 0
+            if size > MAX_FILE_BYTES:
+                raise RemoteError(f"{self.name}: {path} is {size} bytes, more than a compose file should be")
+            with sftp.open(path, "rb") as handle:
+                return handle.read()
+        except FileNotFoundError:
+            raise RemoteError(f"{self.name}: {path} does not exist") from None
+        except (OSError, paramiko.SSHException) as error:
+            raise RemoteError(f"{self.name}: cannot read {path}: {error}") from None
+
+    def file_mode(self, path: str) -> int:
+        """Permission bits of a remote file."""
+        try:
+            return (self._sftp_client().stat(path).st_mode or 0o644) & 0o7777
+        except (OSError, paramiko.SSHException) as error:
+            raise RemoteError(f"{self.name}: cannot stat {path}: {error}") from None
+
+    def write_file_atomic(self, path: str, data: bytes, mode: int) -> None:
+        """Replace `path` with `data`: write a temp file beside it, flush it, rename it over.
+
+        A failure at any point (a full disk, say) leaves the original file untouched.
+        """
+        directory, base = posixpath.split(path)
+        temp = posixpath.join(directory, f".{base}.rollout-tmp")
+        sftp = self._sftp_client()
+        try:
+            with sftp.open(temp, "wb") as handle:
+                handle.write(data)
+            sftp.chmod(temp, mode)
+            self.run(["sync", temp], timeout=30)
+            sftp.posix_rename(temp, path)
+        except (OSError, paramiko.SSHException, RemoteError) as error:
+            try:
+                sftp.remove(temp)
+            except (OSError, paramiko.SSHException):
+                pass
+            raise RemoteError(f"{self.name}: could not write {path} (original left intact): {error}") from None
+
+    def remove_file(self, path: str) -> None:
+        """Remove a remote file if it exists."""
+        try:
+            self._sftp_client().remove(path)
+        except FileNotFoundError:
+            pass
+        except (OSError, paramiko.SSHException) as error:
+            raise RemoteError(f"{self.name}: cannot remove {path}: {error}") from None
+
+    def _close_locked(self) -> None:
+        for closable in (self._sftp, self._client):
+            if closable is not None:
+                try:
+                    closable.close()
+                except (OSError, paramiko.SSHException):
+                    pass
+        self._sftp = None
+        self._client = None
+
+    def close(self) -> None:
+        """Close the connection (a later call reconnects)."""
+        with self._lock:
+            self._close_locked()

@@ -1,0 +1,296 @@
+"""The `rolling-deploy` flow: move a Compose fleet to one image, instance by instance.
+
+    preflight (registry, LB, every host) → pre-pull everywhere → per batch, per instance:
+    drain → wait for sessions → set image → pull → up → await healthy → await LB up → enable
+
+Any failure (or Ctrl-C) rolls back: the failed instance first, then every instance this
+run moved, newest first, with the same drain dance. Whatever happens, every server
+this run drained is put back in rotation before the flow ends.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import PrefectFuture
+from prefect.runtime import flow_run
+
+from compose_rollout import procedure
+from compose_rollout.config import Fleet, load_fleet
+from compose_rollout.errors import DeployFailed, PreflightError, RegistryError, RolloutError, StepFailed
+from compose_rollout.images import ImageRef
+from compose_rollout.ledger import InstanceRecord, Ledger
+from compose_rollout.procedure import Context
+from compose_rollout.registry import RegistryClient
+from tasks import steps
+
+
+class Cancelled(RolloutError):
+    """The run was interrupted; instances stop at the next step boundary."""
+
+
+def _step(ledger: Ledger, instance: str, name: str, cancel: threading.Event, call: Any, *args: Any) -> Any:
+    if cancel.is_set():
+        raise StepFailed(instance, name, Cancelled("the run was interrupted"))
+    ledger.update(instance, step=name)
+    try:
+        return call(*args)
+    except Exception as error:
+        raise StepFailed(instance, name, error) from error
+
+
+@task(name="update-instance", task_run_name="update-{instance}", cache_policy=NO_CACHE)
+def update_instance(
+    ctx: Context, instance: str, ledger: Ledger, image: str, image_id: str, cancel: threading.Event
+) -> None:
+    """The seed procedure for one instance, each verb a task."""
+    ledger.update(instance, new_image=image)
+    _step(ledger, instance, "drain", cancel, steps.drain, ctx, instance, ledger)
+    _step(ledger, instance, "wait-for-sessions", cancel, steps.wait_for_sessions, ctx, instance, ledger)
+    _step(ledger, instance, "set-image", cancel, steps.set_image, ctx, instance, ledger, image)
+    _step(ledger, instance, "pull", cancel, steps.pull, ctx, instance, image)
+    _step(ledger, instance, "up", cancel, steps.up, ctx, instance, ledger)
+    seconds = _step(ledger, instance, "await-healthy", cancel, steps.await_healthy, ctx, instance, image_id)
+    ledger.update(instance, seconds_to_healthy=seconds)
+    _step(ledger, instance, "await-lb-up", cancel, steps.await_lb_up, ctx, instance)
+    _step(ledger, instance, "enable", cancel, steps.enable, ctx, instance, ledger)
+    ledger.update(instance, outcome="updated", step="")
+
+
+@task(name="rollback-instance", task_run_name="rollback-{instance}", cache_policy=NO_CACHE)
+def rollback_instance(ctx: Context, instance: str, ledger: Ledger) -> None:
+    """Undo this run on one instance: old compose file, old container, back in rotation."""
+    record = ledger.update(instance, rollback_attempted=True)
+    never = threading.Event()
+    if not record.drained:
+        _step(ledger, instance, "rollback: drain", never, steps.drain, ctx, instance, ledger)
+        _step(ledger, instance, "rollback: wait-for-sessions", never, steps.wait_for_sessions, ctx, instance, ledger)
+    if record.file_written:
+        _step(ledger, instance, "rollback: restore-compose", never, steps.restore_compose, ctx, instance, ledger)
+    if record.restarted:
+        _step(ledger, instance, "rollback: up", never, steps.up, ctx, instance, ledger)
+        _step(
+            ledger, instance, "rollback: await-healthy", never, steps.await_healthy, ctx, instance, record.old_image_id
+        )
+        _step(ledger, instance, "rollback: await-lb-up", never, steps.await_lb_up, ctx, instance)
+    _step(ledger, instance, "rollback: enable", never, steps.enable, ctx, instance, ledger)
+    ledger.update(instance, outcome="rolled back", step="")
+
+
+def _wait_all(futures: dict[str, PrefectFuture[Any]], cancel: threading.Event) -> dict[str, BaseException]:
+    """Wait for every future; on Ctrl-C ask them to stop at the next step, wait, re-raise."""
+    try:
+        for future in futures.values():
+            future.wait()
+    except BaseException:
+        cancel.set()
+        for future in futures.values():
+            future.wait()
+        raise
+    errors = {}
+    for name, future in futures.items():
+        if future.state.is_failed() or future.state.is_crashed():
+            result = future.result(raise_on_failure=False)
+            errors[name] = result if isinstance(result, BaseException) else RolloutError(str(future.state.message))
+    return errors
+
+
+def _preflight(ctx: Context, target: ImageRef) -> tuple[ImageRef, dict[str, procedure.Snapshot], str]:
+    """Check everything, pre-pull everywhere; touch nothing. Returns pinned image, snapshots, image ID."""
+    logger = get_run_logger()
+    try:
+        digest = RegistryClient(ctx.fleet.registry).resolve_digest(target)
+    except RegistryError as error:
+        raise PreflightError(f"registry: {error}") from None
+    pinned = target.with_digest(digest)
+    logger.info("%s resolves to %s; deploying that digest everywhere", target, digest)
+    procedure.preflight_lb(ctx)
+    names = [instance.name for instance in ctx.fleet.instances]
+    checks = {name: steps.preflight.submit(ctx, name) for name in names}
+    errors = _wait_all(checks, threading.Event())
+    if errors:
+        raise PreflightError("; ".join(f"{name}: {error}" for name, error in errors.items()))
+    snapshots = {name: future.result() for name, future in checks.items()}
+    by_digest = f"{pinned.repository}@{digest}"
+    pulls = {name: steps.pre_pull.submit(ctx, name, by_digest) for name in names}
+    errors = _wait_all(pulls, threading.Event())
+    if errors:
+        detail = "; ".join(f"{name}: {error}" for name, error in errors.items())
+        raise PreflightError(f"pre-pull of {by_digest} failed, nothing was drained: {detail}")
+    image_ids = {future.result() for future in pulls.values()}
+    if len(image_ids) != 1:
+        raise PreflightError(f"{by_digest} has different image IDs on different hosts: {sorted(image_ids)}")
+    return pinned, snapshots, image_ids.pop()
+
+
+def _rollback(ctx: Context, ledger: Ledger, order: list[str]) -> str:
+    """Roll back instances one at a time; stop at the first that fails. Returns a note."""
+    logger = get_run_logger()
+    for name in order:
+        record = ledger[name]
+        if not (record.changed or record.drained) or record.rollback_attempted:
+            continue
+        logger.warning("rolling back %s to %s", name, record.old_image)
+        try:
+            rollback_instance(ctx, name, ledger)
+        except Exception as error:  # noqa: BLE001 - reported to the person, with the instance
+            ledger.update(name, outcome="rollback failed", error=str(error))
+            untouched = [other for other in order if other != name and ledger[other].outcome == "updated"]
+            still = f"; not rolled back, still on the new image: {', '.join(untouched)}" if untouched else ""
+            return (
+                f"ROLLBACK FAILED on {name} ({error}). Stopped rolling back so the others keep serving{still}. "
+                f"A person must check {name}: its original compose file is in the journal {ledger.journal}."
+            )
+    return ""
+
+
+def _report(ledger: Ledger) -> list[dict[str, Any]]:
+    rows = []
+    for record in ledger.records.values():
+        out = record.seconds_out_of_rotation
+        rows.append(
+            {
+                "instance": record.name,
+                "old image": record.old_image,
+                "new image": record.new_image or "-",
+                "result": record.outcome,
+                "seconds out of rotation": round(out, 2) if out is not None else None,
+                "sessions at drain": record.sessions_at_drain,
+                "sessions cut": record.sessions_cut,
+                "seconds to healthy": round(record.seconds_to_healthy, 2) if record.seconds_to_healthy else None,
+                "error": record.error,
+            }
+        )
+    return rows
+
+
+def _summary(fleet: Fleet, ledger: Ledger, failure: StepFailed | BaseException, rollback_note: str) -> str:
+    if isinstance(failure, StepFailed):
+        what = f"failed on instance {failure.instance} at step {failure.step}: {failure.cause}"
+    else:
+        what = f"failed: {failure or type(failure).__name__}"
+    if isinstance(failure, (PreflightError, DeployFailed)) or not any(
+        record.changed or record.drained for record in ledger.records.values()
+    ):
+        return f"Rollout of fleet {fleet.name} to {ledger.target} refused before any instance was touched: {failure}"
+    rolled = [r.name for r in ledger.records.values() if r.outcome == "rolled back"]
+    back = f" Rolled back {', '.join(rolled)}." if rolled else " No instance had been changed."
+    if rollback_note:
+        return f"Rollout of fleet {fleet.name} to {ledger.target} {what}.{back} {rollback_note}"
+    return (
+        f"Rollout of fleet {fleet.name} to {ledger.target} {what}.{back} "
+        f"All {len(fleet.instances)} instances run their previous image and are in rotation."
+    )
+
+
+def _publish(fleet: Fleet, ledger: Ledger, description: str) -> None:
+    try:
+        create_table_artifact(key=f"rollout-{fleet.name}", table=_report(ledger), description=description)
+    except Exception as error:  # noqa: BLE001 - a missing artifact must not change the outcome
+        get_run_logger().warning("could not publish the run artifact: %s", error)
+
+
+def batches(names: list[str], size: int, canary: bool) -> list[list[str]]:
+    """Split the instances to update into batches: a lone canary first if asked."""
+    head: list[list[str]] = [names[:1]] if canary and names else []
+    rest = names[1:] if head else names
+    return head + [rest[i : i + size] for i in range(0, len(rest), size)]
+
+
+@flow(name="rolling-deploy", validate_parameters=True)
+def rolling_deploy(
+    fleet_file: str,
+    tag: str | None = None,
+    image: str | None = None,
+    batch_size: int | str | None = None,
+    triggered_by: str = "python",
+) -> list[dict[str, Any]]:
+    """Move every instance of the fleet to `tag` (or `image`), rolling back on failure.
+
+    Args:
+        fleet_file: Path of the fleet YAML file on the machine running the flow.
+        tag: Image tag to deploy, in the fleet's image_repository.
+        image: A full image reference instead of a tag (e.g. to switch repository).
+        batch_size: Overrides rollout.batch_size: a count or a percentage like "25%".
+        triggered_by: Who or what started the run, for the record.
+    """
+    logger = get_run_logger()
+    overrides: dict[str, Any] = {"rollout": {"batch_size": batch_size}} if batch_size is not None else {}
+    fleet = load_fleet(fleet_file, **overrides)
+    target = procedure.target_image(fleet, tag, image)
+    run_id = str(flow_run.get_id() or f"local-{int(time.time())}")
+    journal = Path(fleet.state_directory).expanduser() / fleet.name / "runs" / f"{run_id}.json"
+    ledger = Ledger(fleet.name, run_id, str(target), journal)
+    logger.info(
+        "rolling out %s to fleet %s (%d instances), started by %s",
+        target,
+        fleet.name,
+        len(fleet.instances),
+        triggered_by,
+    )
+    ctx = Context.connect(fleet)
+    cancel = threading.Event()
+    order: list[str] = []
+    try:
+        pinned, snapshots, image_id = _preflight(ctx, target)
+        ledger.target = str(pinned)
+        for name, found in snapshots.items():
+            ledger.add(
+                InstanceRecord(
+                    name=name,
+                    compose_path=found.instance.compose_path,
+                    old_image=found.image,
+                    old_image_id=found.container.image_id,
+                    original=found.compose,
+                    mode=found.mode,
+                )
+            )
+        pending = [
+            name
+            for name, found in snapshots.items()
+            if found.image != str(pinned) or found.container.image_id != image_id
+        ]
+        for name in snapshots:
+            if name not in pending:
+                ledger.update(name, outcome="unchanged")
+        plan = batches(pending, fleet.rollout.batch_count(len(fleet.instances)), fleet.rollout.canary)
+        for number, batch in enumerate(plan, start=1):
+            if number > 1 and fleet.rollout.pause_between_batches_seconds:
+                time.sleep(fleet.rollout.pause_between_batches_seconds)
+            logger.info("batch %d/%d: %s", number, len(plan), ", ".join(batch))
+            order.extend(batch)
+            futures = {name: update_instance.submit(ctx, name, ledger, str(pinned), image_id, cancel) for name in batch}
+            errors = _wait_all(futures, cancel)
+            if errors:
+                failed, error = next(iter(errors.items()))
+                for name, other in errors.items():
+                    ledger.update(name, outcome="failed", error=str(other))
+                raise error if isinstance(error, StepFailed) else StepFailed(failed, ledger[failed].step, error)
+    except BaseException as failure:
+        failed_names = [name for name in order if ledger[name].outcome == "failed"]
+        note = _rollback(ctx, ledger, failed_names + [n for n in reversed(order) if n not in failed_names])
+        summary = _summary(fleet, ledger, failure, note)
+        logger.error(summary)
+        _publish(fleet, ledger, summary)
+        if isinstance(failure, Exception):
+            raise DeployFailed(summary) from failure
+        raise
+    finally:
+        for problem in procedure.release_all(ctx, ledger):
+            logger.error(problem)
+        ledger.save()
+        ctx.close()
+    moved = [r.name for r in ledger.records.values() if r.outcome == "updated"]
+    summary = (
+        f"Fleet {fleet.name} runs {ledger.target} on all {len(fleet.instances)} instances "
+        f"({len(moved)} updated, {len(fleet.instances) - len(moved)} already on it)."
+    )
+    logger.info(summary)
+    _publish(fleet, ledger, summary)
+    return _report(ledger)

@@ -1,0 +1,188 @@
+"""The domain's waits and decisions, with a fake clock, host and LB (instant)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from compose_rollout import procedure
+from compose_rollout.errors import RolloutError, WaitTimeout
+from compose_rollout.haproxy import OP_STOPPED
+from compose_rollout.ledger import InstanceRecord, Ledger
+from compose_rollout.procedure import Context
+from flows.rolling_deploy import batches
+from tests.unit.fakes import FakeClock, FakeHost, FakeLB, container_json, fleet, scripted
+
+NEW, OLD = "sha256:" + "b" * 64, "sha256:" + "a" * 64
+COMPOSE = b"""# Terrateam
+services:
+  server:
+    image: registry.example/demo/app:v1   # the only value a rollout changes
+    ports: ["8080:8080"]
+"""
+
+
+def make_context(
+    probes: list[bool] | None = None, containers: list[str] | None = None, **fleet_overrides: Any
+) -> tuple[Context, FakeHost, FakeLB, FakeClock]:
+    the_fleet = fleet(**fleet_overrides)
+    hosts = {instance.name: FakeHost(instance.name) for instance in the_fleet.instances}
+    host = hosts["app-1"]
+    host.files["/srv/app-1/docker-compose.yml"] = COMPOSE
+    host.on(["docker", "ps"], lambda argv: "c1\n")
+    inspections = scripted(containers or [container_json("c1", NEW)])
+    host.on(["docker", "container", "inspect"], lambda argv: next(inspections))
+    answers = scripted(probes or [True])
+    lb = FakeLB([instance.lb_server for instance in the_fleet.instances])
+    clock = FakeClock()
+    ctx = Context(
+        fleet=the_fleet,
+        hosts=hosts,  # type: ignore[arg-type]
+        lb=lb,  # type: ignore[arg-type]
+        clock=clock,
+        probe=lambda url, timeout: (next(answers), "HTTP 200"),
+    )
+    return ctx, host, lb, clock
+
+
+def make_ledger(ctx: Context) -> Ledger:
+    ledger = Ledger("demo", "run-1", "registry.example/demo/app:v2")
+    instance = ctx.fleet.instance("app-1")
+    ledger.add(InstanceRecord("app-1", instance.compose_path, "registry.example/demo/app:v1", OLD, COMPOSE, 0o640))
+    return ledger
+
+
+def test_health_gate_needs_consecutive_successes_then_a_stable_window() -> None:
+    ctx, _, _, clock = make_context(
+        probes=[False, True, False, True, True, True], health={"consecutive_successes": 3, "stabilization_seconds": 2}
+    )
+    seconds = procedure.await_healthy(ctx, ctx.fleet.instance("app-1"), NEW)
+    # 6 probes to reach three in a row (0.5 s apart), then 2 s of staying healthy.
+    assert seconds == pytest.approx(5 * 0.5 + 2.0)
+    assert clock.slept == pytest.approx(seconds)
+
+
+def test_health_gate_catches_a_flap_inside_the_stabilisation_window() -> None:
+    ctx, *_ = make_context(
+        probes=[True, True, True, True, False], health={"consecutive_successes": 3, "stabilization_seconds": 5}
+    )
+    with pytest.raises(RolloutError, match="stabilisation window"):
+        procedure.await_healthy(ctx, ctx.fleet.instance("app-1"), NEW)
+
+
+def test_health_gate_catches_a_container_restarted_after_passing() -> None:
+    ctx, *_ = make_context(
+        containers=[container_json("c1", NEW)] * 3 + [container_json("c1", NEW, restarts=1)],
+        health={"consecutive_successes": 2, "stabilization_seconds": 5},
+    )
+    with pytest.raises(RolloutError, match="restarted after passing"):
+        procedure.await_healthy(ctx, ctx.fleet.instance("app-1"), NEW)
+
+
+def test_health_gate_refuses_a_healthy_container_on_the_wrong_image() -> None:
+    ctx, _, _, clock = make_context(containers=[container_json("c1", OLD)], health={"timeout_seconds": 10})
+    with pytest.raises(WaitTimeout) as raised:
+        procedure.await_healthy(ctx, ctx.fleet.instance("app-1"), NEW)
+    assert "expected image" in str(raised.value) and "10 s" in str(raised.value)
+    assert clock.slept == pytest.approx(10, abs=0.5)
+
+
+def test_wait_for_sessions_returns_once_the_lb_counts_zero() -> None:
+    ctx, _, lb, clock = make_context()
+    lb.servers_["app-1"].sessions = [3, 2, 1, 0]
+    assert procedure.wait_for_sessions(ctx, ctx.fleet.instance("app-1"), make_ledger(ctx)) == 0
+    assert clock.slept == pytest.approx(0.3)
+
+
+def test_drain_timeout_fails_by_default_naming_the_server_and_sessions() -> None:
+    ctx, _, lb, _ = make_context(rollout={"drain_timeout_seconds": 5})
+    lb.servers_["app-1"].sessions = [2]
+    with pytest.raises(WaitTimeout, match="app-1 to finish its sessions") as raised:
+        procedure.wait_for_sessions(ctx, ctx.fleet.instance("app-1"), make_ledger(ctx))
+    assert "2 sessions" in str(raised.value)
+    assert "shutdown" not in " ".join(lb.actions)
+
+
+def test_drain_timeout_with_proceed_cuts_and_counts_the_sessions() -> None:
+    ctx, _, lb, _ = make_context(rollout={"drain_timeout_seconds": 5, "on_drain_timeout": "proceed"})
+    lb.servers_["app-1"].sessions = [2]
+    ledger = make_ledger(ctx)
+    assert procedure.wait_for_sessions(ctx, ctx.fleet.instance("app-1"), ledger) == 2
+    assert lb.actions == ["app-1 shutdown"]
+    assert ledger["app-1"].sessions_cut == 2
+
+
+def test_set_image_then_restore_gives_back_the_original_bytes_and_mode() -> None:
+    ctx, host, _, _ = make_context()
+    ledger = make_ledger(ctx)
+    instance = ctx.fleet.instance("app-1")
+    new = "registry.example/demo/app:v2@" + "sha256:" + "c" * 64
+    procedure.write_compose(ctx, instance, ledger, new)
+    written = host.files[instance.compose_path]
+    assert written == COMPOSE.replace(b"registry.example/demo/app:v1", new.encode())
+    assert ledger["app-1"].file_written
+    procedure.restore_compose(ctx, instance, ledger["app-1"])
+    assert host.files[instance.compose_path] == COMPOSE
+    assert host.modes[instance.compose_path] == 0o640
+
+
+def test_a_failed_write_leaves_the_ledger_saying_nothing_was_written() -> None:
+    ctx, host, _, _ = make_context()
+    ledger = make_ledger(ctx)
+    host.fail_writes = True
+    with pytest.raises(RolloutError, match="original left intact"):
+        procedure.write_compose(ctx, ctx.fleet.instance("app-1"), ledger, "registry.example/demo/app:v2")
+    assert host.files["/srv/app-1/docker-compose.yml"] == COMPOSE
+    assert not ledger["app-1"].file_written
+
+
+def test_lb_wait_reports_the_last_state_seen() -> None:
+    ctx, _, lb, _ = make_context(health={"lb_timeout_seconds": 3})
+    lb.servers_["app-1"].op_state = OP_STOPPED
+    with pytest.raises(WaitTimeout, match=r"the LB to see app-1 UP.*DOWN"):
+        procedure.await_lb_up(ctx, ctx.fleet.instance("app-1"))
+
+
+def test_release_all_re_enables_every_drained_server_and_only_those() -> None:
+    ctx, _, lb, _ = make_context()
+    ledger = make_ledger(ctx)
+    procedure.drain(ctx, ctx.fleet.instance("app-1"), ledger)
+    assert lb.servers_["app-1"].admin == "drain"
+    assert procedure.release_all(ctx, ledger) == []
+    assert lb.servers_["app-1"].admin == "ready"
+    assert lb.actions == ["app-1 drain", "app-1 ready"]
+
+
+def test_preflight_lb_names_every_server_out_of_rotation() -> None:
+    ctx, _, lb, _ = make_context()
+    lb.servers_["app-2"].admin = "drain"
+    lb.servers_["app-3"].op_state = OP_STOPPED
+    with pytest.raises(RolloutError) as raised:
+        procedure.preflight_lb(ctx)
+    assert "app-2" in str(raised.value) and "app-3" in str(raised.value) and "app-1" not in str(raised.value)
+
+
+def test_target_image_refuses_hostile_tags_before_anything_runs() -> None:
+    the_fleet = fleet()
+    for tag in ("v1;rm -rf /", "v 1", "", "-v1", "$(id)"):
+        with pytest.raises(RolloutError):
+            procedure.target_image(the_fleet, tag, None)
+    assert str(procedure.target_image(the_fleet, "1.4.2", None)) == "registry.example/demo/app:1.4.2"
+    with pytest.raises(RolloutError, match="exactly one"):
+        procedure.target_image(the_fleet, "v1", "registry.example/demo/app:v1")
+
+
+@pytest.mark.parametrize(
+    ("names", "size", "canary", "expected"),
+    [
+        (["a", "b", "c"], 1, False, [["a"], ["b"], ["c"]]),
+        (["a", "b", "c", "d", "e"], 2, False, [["a", "b"], ["c", "d"], ["e"]]),
+        (["a", "b", "c", "d", "e"], 2, True, [["a"], ["b", "c"], ["d", "e"]]),
+        ([], 2, True, []),
+    ],
+)
+def test_batches_never_exceed_the_batch_size_and_keep_order(
+    names: list[str], size: int, canary: bool, expected: list[list[str]]
+) -> None:
+    assert batches(names, size, canary) == expected
