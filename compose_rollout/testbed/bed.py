@@ -1,0 +1,723 @@
+"""The test bed: a real fleet of Compose instances behind a real HAProxy, a
+real registry and one real sshd per instance, all on this machine."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import yaml
+
+from . import compose, haproxy, image, registry, sshd
+from ._util import (
+    Daemon,
+    TestbedError,
+    clean_env,
+    ensure_port_free,
+    http_status,
+    run,
+    tcp_accepts,
+    wait_for,
+)
+
+log = logging.getLogger("compose_rollout.testbed")
+
+LABEL = compose.LABEL
+HTTP_PORT = 8080
+SSH_PORT = 2222
+
+# Binaries the bed runs; checked up front so a missing package is one clear error.
+REQUIRED_BINARIES = ("docker", "dockerd", "docker-compose", "docker-registry", "haproxy", "ssh-keygen")
+SSHD = "/usr/sbin/sshd"
+
+# Top-level entries of the workdir that belong to the bed (removed by stop()
+# unless keep_workdir); anything else a caller put there is left alone.
+_OWNED_ENTRIES = ("hosts", "ssh", "registry", "haproxy", "image", "logs", "fleet.yml")
+
+
+@dataclass(frozen=True)
+class TestbedInstance:
+    """One instance ("host") of the fleet."""
+
+    __test__ = False  # not a pytest test class despite the name
+
+    name: str
+    address: str
+    ssh_port: int
+    project_directory: Path
+    compose_file: Path
+    lb_server: str
+    health_url: str
+    sshd_pid_file: Path
+
+
+def _deep_merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+class Testbed:
+    """A fleet of ``instances`` Compose projects (service ``server``) behind
+    HAProxy, with a registry holding ``demo/app:v1|v2|broken`` and an sshd per
+    instance. Use as a context manager, or call start()/stop().
+
+    Daemons are children of the process that calls start() and, unless
+    ``die_with_parent`` is False, die with the thread that started them (so a
+    killed test run leaves no daemon holding the fixed ports): call start()
+    from a thread that outlives the bed."""
+
+    __test__ = False  # not a pytest test class despite the name
+
+    def __init__(
+        self,
+        workdir: Path,
+        instances: int = 3,
+        registry_port: int = 5000,
+        lb_port: int = 18080,
+        lb_admin_port: int = 19999,
+        *,
+        registry_notify_url: str | None = None,
+        keep_workdir: bool = False,
+        die_with_parent: bool = True,
+        docker: str = "docker",
+        compose_command: tuple[str, ...] = ("docker-compose",),
+    ) -> None:
+        if not 1 <= instances <= 250:
+            raise ValueError("instances must be between 1 and 250")
+        self.workdir = Path(workdir).absolute()
+        self.registry_port = registry_port
+        self.lb_port = lb_port
+        self.lb_admin_port = lb_admin_port
+        self.registry_notify_url = registry_notify_url
+        self.keep_workdir = keep_workdir
+        self.die_with_parent = die_with_parent
+        self.docker = docker
+        self.compose_command = compose_command
+
+        self.registry = f"127.0.0.1:{registry_port}"
+        self.image_repository = f"{self.registry}/demo/app"
+        self.lb_url = f"http://127.0.0.1:{lb_port}"
+        self.lb_admin_address = f"tcp://127.0.0.1:{lb_admin_port}"
+        self.lb_admin_unix_socket = self.workdir / "haproxy" / "haproxy.sock"
+        self.lb_backend = "app"
+        self.known_hosts_file = self.workdir / "ssh" / "known_hosts"
+        self.ssh_key_file = self.workdir / "ssh" / "id_ed25519"
+        self.tags = image.TAGS
+        self.initial_tag = "v1"
+
+        self.instances: list[TestbedInstance] = []
+        for index in range(1, instances + 1):
+            name = f"app-{index}"
+            address = f"127.0.1.{index + 1}"
+            project_directory = self.workdir / "hosts" / name
+            self.instances.append(
+                TestbedInstance(
+                    name=name,
+                    address=address,
+                    ssh_port=SSH_PORT,
+                    project_directory=project_directory,
+                    compose_file=project_directory / "docker-compose.yml",
+                    lb_server=name,
+                    health_url=f"http://{address}:{HTTP_PORT}/health",
+                    sshd_pid_file=project_directory / "sshd.pid",
+                )
+            )
+
+        self.admin = haproxy.HaproxyAdmin(self.lb_admin_address)
+        self._logs = self.workdir / "logs"
+        self._dockerd: Daemon | None = None
+        self._registry: Daemon | None = None
+        self._haproxy: Daemon | None = None
+        self._sshd: dict[str, Daemon] = {}
+        # State recorded after start() brought everything up, for reset().
+        self._initial_compose_text: dict[str, str] = {}
+        self._initial_config_hash: dict[str, str] = {}
+        self._image_ids: dict[str, str] = {}
+        self._started = False
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def __enter__(self) -> Testbed:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def instance(self, name: str) -> TestbedInstance:
+        """The instance called ``name`` (e.g. "app-1")."""
+        for candidate in self.instances:
+            if candidate.name == name:
+                return candidate
+        raise KeyError(name)
+
+    def start(self) -> None:
+        """Bring the whole bed up and return once every instance runs v1,
+        answers /health with 200 and is UP and ready in HAProxy. On failure
+        everything already started is stopped again before the error is
+        raised."""
+        began = time.monotonic()
+        try:
+            self._check_prerequisites()
+            self._ensure_docker_engine()
+            self._remove_containers()
+            self._check_ports()
+            self._prepare_directories()
+            self._prepare_ssh()
+            self.start_registry()
+            self._build_and_push_images()
+            for instance in self.instances:
+                self.start_sshd(instance.name)
+            self._bring_up_instances()
+            self._start_haproxy()
+            self.wait_all_up(timeout=60)
+        except BaseException:
+            self.stop()
+            raise
+        self._started = True
+        log.info("test bed up in %.1fs (%s)", time.monotonic() - began, self.workdir)
+
+    def stop(self) -> None:
+        """Stop everything start() started and remove the bed's containers;
+        idempotent. Every step is attempted; the first failure is raised at
+        the end."""
+        errors: list[BaseException] = []
+
+        def attempt(step: str, action: Any) -> None:
+            try:
+                action()
+            except Exception as exc:  # noqa: BLE001 - teardown goes on with the other steps
+                log.warning("test bed stop: %s failed: %s", step, exc)
+                errors.append(exc)
+
+        if self._haproxy is not None:
+            attempt("stop haproxy", self._haproxy.stop)
+        for name, daemon in list(self._sshd.items()):
+            attempt(f"stop sshd {name}", daemon.stop)
+        if self._docker_reachable():
+            attempt("remove containers", self._remove_containers)
+            attempt("remove networks", self._remove_networks)
+        if self._registry is not None:
+            attempt("stop registry", self._registry.stop)
+        if self._dockerd is not None:
+            # Containers are gone already, so dockerd has nothing slow to stop.
+            attempt("stop dockerd", lambda: self._dockerd.stop(timeout=30) if self._dockerd else None)
+            self._dockerd = None
+        if not self.keep_workdir:
+            attempt("remove workdir", self._remove_workdir)
+        self._started = False
+        if errors:
+            raise TestbedError(f"test bed stop had {len(errors)} failure(s); first: {errors[0]}") from errors[0]
+
+    # ------------------------------------------------------------ docker engine
+
+    def _check_prerequisites(self) -> None:
+        if os.geteuid() != 0:
+            raise TestbedError("the test bed must run as root (sshd, dockerd, root logins)")
+        missing = [name for name in REQUIRED_BINARIES if shutil.which(name) is None]
+        if not Path(SSHD).is_file():
+            missing.append(SSHD)
+        if not image.BUSYBOX.is_file():
+            missing.append(str(image.BUSYBOX))
+        if missing:
+            raise TestbedError(f"missing binaries: {', '.join(missing)}")
+
+    def _docker_reachable(self) -> bool:
+        try:
+            return run([self.docker, "info", "--format", "{{.ServerVersion}}"], timeout=15, check=False).returncode == 0
+        except TestbedError:
+            return False
+
+    def _ensure_docker_engine(self) -> None:
+        if self._docker_reachable():
+            return
+        log.info("no docker engine answering; starting dockerd")
+        # Not tied to our lifetime: if we die, the engine (and the removal of
+        # our containers by label next time) is better left to the next run.
+        self._dockerd = Daemon("dockerd", ["dockerd"], self._logs / "dockerd.log", die_with_parent=False)
+        self._dockerd.start()
+        wait_for(
+            self._docker_reachable,
+            timeout=60,
+            interval=0.5,
+            what="dockerd to answer `docker info`",
+            abort=self._dockerd.exit_reason,
+        )
+
+    def _containers(self) -> list[dict[str, Any]]:
+        """`docker inspect` of every container (running or not) with our label."""
+        ids = run([self.docker, "ps", "-aq", "--filter", f"label={LABEL}=1"], timeout=30).stdout.split()
+        if not ids:
+            return []
+        result = run([self.docker, "inspect", *ids], timeout=30, check=False)
+        if result.returncode != 0:
+            # A container vanished between ps and inspect; ask once more.
+            ids = run([self.docker, "ps", "-aq", "--filter", f"label={LABEL}=1"], timeout=30).stdout.split()
+            if not ids:
+                return []
+            result = run([self.docker, "inspect", *ids], timeout=30)
+        containers: list[dict[str, Any]] = json.loads(result.stdout)
+        return containers
+
+    def _remove_containers(self, project: str | None = None) -> None:
+        """`docker rm -f` the bed's containers (all, or one project's)."""
+        filters = ["--filter", f"label={LABEL}=1"]
+        if project is not None:
+            filters += ["--filter", f"label=com.docker.compose.project={project}"]
+        ids = run([self.docker, "ps", "-aq", *filters], timeout=30).stdout.split()
+        if ids:
+            run([self.docker, "rm", "-f", *ids], timeout=120)
+
+    def _remove_networks(self) -> None:
+        names = [f"{instance.name}_default" for instance in self.instances]
+        existing = run([self.docker, "network", "ls", "--format", "{{.Name}}"], timeout=30).stdout.split()
+        ours = [name for name in names if name in existing]
+        if ours:
+            run([self.docker, "network", "rm", *ours], timeout=60)
+
+    def _check_ports(self) -> None:
+        ensure_port_free("127.0.0.1", self.registry_port, "the registry")
+        ensure_port_free("127.0.0.1", self.lb_port, "the HAProxy frontend")
+        ensure_port_free("127.0.0.1", self.lb_admin_port, "the HAProxy admin socket")
+        for instance in self.instances:
+            ensure_port_free(instance.address, instance.ssh_port, f"sshd of {instance.name}")
+            ensure_port_free(instance.address, HTTP_PORT, f"the app of {instance.name}")
+
+    # -------------------------------------------------------------------- files
+
+    def _prepare_directories(self) -> None:
+        for path in (self._logs, self.workdir / "ssh", self.workdir / "haproxy", self.workdir / "registry"):
+            path.mkdir(parents=True, exist_ok=True)
+        for instance in self.instances:
+            instance.project_directory.mkdir(parents=True, exist_ok=True)
+        # sshd's privilege separation directory; the package normally creates it at boot.
+        Path("/run/sshd").mkdir(mode=0o755, parents=True, exist_ok=True)
+
+    def _prepare_ssh(self) -> None:
+        sshd.generate_key(self.ssh_key_file, "compose-rollout-testbed-client")
+        authorized_keys = self.workdir / "ssh" / "authorized_keys"
+        authorized_keys.write_text(self.ssh_key_file.with_suffix(".pub").read_text())
+        lines = []
+        for instance in self.instances:
+            host_key = sshd.generate_key(instance.project_directory / "ssh_host_ed25519_key", f"{instance.name}-host")
+            lines.append(sshd.known_hosts_line(instance.address, instance.ssh_port, host_key.with_suffix(".pub")))
+            (instance.project_directory / "sshd_config").write_text(
+                sshd.render_config(
+                    address=instance.address,
+                    port=instance.ssh_port,
+                    host_key=host_key,
+                    pid_file=instance.sshd_pid_file,
+                    authorized_keys=authorized_keys,
+                )
+            )
+        self.known_hosts_file.write_text("\n".join(lines) + "\n")
+
+    def fleet_file(self, path: Path | None = None, **overrides: Any) -> Path:
+        """Write the fleet YAML describing this bed for the core library and
+        return its path (default ``<workdir>/fleet.yml``). ``overrides`` are
+        deep-merged into the top-level mapping, e.g. ``rollout={"batch_size": 2}``."""
+        document: dict[str, Any] = {
+            "name": "demo",
+            "service": "server",
+            "image_repository": self.image_repository,
+            "ssh": {
+                "user": "root",
+                "key_file": str(self.ssh_key_file),
+                "known_hosts_file": str(self.known_hosts_file),
+            },
+            "load_balancer": {
+                "kind": "haproxy",
+                "admin_address": self.lb_admin_address,
+                "backend": self.lb_backend,
+            },
+            "instances": [
+                {
+                    "name": instance.name,
+                    "host": instance.address,
+                    "ssh_port": instance.ssh_port,
+                    "project_directory": str(instance.project_directory),
+                    "compose_file": instance.compose_file.name,
+                    "lb_server": instance.lb_server,
+                    "health_url": instance.health_url,
+                }
+                for instance in self.instances
+            ],
+        }
+        document = _deep_merge(document, overrides)
+        target = Path(path) if path is not None else self.workdir / "fleet.yml"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(yaml.safe_dump(document, sort_keys=False))
+        return target
+
+    def _remove_workdir(self) -> None:
+        for entry in _OWNED_ENTRIES:
+            path = self.workdir / entry
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+        try:
+            self.workdir.rmdir()
+        except OSError:
+            pass  # not empty: someone else's files are in it
+
+    # ----------------------------------------------------------------- registry
+
+    def start_registry(self) -> None:
+        """Start the registry (if not running) and wait until /v2/ answers 200."""
+        if self._registry is None:
+            config = self.workdir / "registry" / "config.yml"
+            config.write_text(
+                registry.render_config(
+                    port=self.registry_port,
+                    storage=self.workdir / "registry" / "storage",
+                    notify_url=self.registry_notify_url,
+                )
+            )
+            self._registry = Daemon(
+                "docker-registry",
+                ["docker-registry", "serve", str(config)],
+                self._logs / "registry.log",
+                die_with_parent=self.die_with_parent,
+            )
+        self._registry.start()
+        wait_for(
+            lambda: http_status(f"http://{self.registry}/v2/") == 200,
+            timeout=30,
+            what="the registry's /v2/ to answer 200",
+            abort=self._registry.exit_reason,
+        )
+
+    def stop_registry(self) -> None:
+        """Stop the registry process (a real registry outage)."""
+        if self._registry is not None:
+            self._registry.stop()
+        wait_for(
+            lambda: not tcp_accepts("127.0.0.1", self.registry_port, timeout=0.3),
+            timeout=10,
+            what="the registry port to close",
+        )
+
+    def registry_running(self) -> bool:
+        """True while the registry process is running."""
+        return self._registry is not None and self._registry.running()
+
+    def _registry_has(self, tag: str) -> bool:
+        connection = http.client.HTTPConnection("127.0.0.1", self.registry_port, timeout=5)
+        try:
+            connection.request(
+                "HEAD",
+                f"/v2/demo/app/manifests/{tag}",
+                headers={"Accept": "application/vnd.docker.distribution.manifest.v2+json"},
+            )
+            response = connection.getresponse()
+            response.read()
+            return response.status == 200
+        finally:
+            connection.close()
+
+    # ------------------------------------------------------------------- images
+
+    def _build_and_push_images(self) -> None:
+        context = image.prepare_context(self.workdir / "image")
+        for tag in self.tags:
+            image.build(self.docker, context, self.image_repository, tag)
+            image.push(self.docker, self.image_repository, tag)
+            self._image_ids[tag] = self.image_id(f"{self.image_repository}:{tag}")
+
+    def image_id(self, ref: str) -> str:
+        """The engine's image ID (sha256:...) for an image reference."""
+        return run([self.docker, "image", "inspect", "--format", "{{.Id}}", ref], timeout=30).stdout.strip()
+
+    def tag_image_id(self, tag: str) -> str:
+        """The image ID the bed built for ``tag`` (v1, v2, broken)."""
+        return self._image_ids[tag]
+
+    def _ensure_images(self) -> None:
+        """Make the engine's tags point at the images built by start() and the
+        registry hold every tag again (a test may delete or re-point them)."""
+        refs = [f"{self.image_repository}:{tag}" for tag in self.tags]
+        result = run([self.docker, "image", "inspect", "--format", "{{.Id}}", *refs], timeout=30, check=False)
+        current = result.stdout.split()
+        if result.returncode != 0 or current != [self._image_ids[tag] for tag in self.tags]:
+            log.info("image tags changed; rebuilding")
+            self._build_and_push_images()
+            return
+        for tag in self.tags:
+            if not self._registry_has(tag):
+                image.push(self.docker, self.image_repository, tag)
+
+    # --------------------------------------------------------------------- sshd
+
+    def start_sshd(self, name: str) -> None:
+        """Start the instance's sshd (if not running) and wait for its banner."""
+        instance = self.instance(name)
+        daemon = self._sshd.get(name)
+        if daemon is None:
+            daemon = Daemon(
+                f"sshd {name}",
+                # -D: stay a child of ours, so stop can wait for it; -E: log to a file.
+                [
+                    SSHD,
+                    "-D",
+                    "-f",
+                    str(instance.project_directory / "sshd_config"),
+                    "-E",
+                    str(self._logs / f"sshd-{name}.log"),
+                ],
+                self._logs / f"sshd-{name}.out",
+                die_with_parent=self.die_with_parent,
+            )
+            self._sshd[name] = daemon
+        daemon.start()
+        wait_for(
+            lambda: tcp_accepts(instance.address, instance.ssh_port, banner=b"SSH-"),
+            timeout=20,
+            what=f"sshd of {name} to accept connections",
+            abort=daemon.exit_reason,
+        )
+
+    def stop_sshd(self, name: str) -> None:
+        """Stop the instance's sshd: new SSH connections to it are refused (a
+        real "host down"). Sessions already open keep running, as with a
+        listener restart on a real host."""
+        instance = self.instance(name)
+        daemon = self._sshd.get(name)
+        if daemon is not None:
+            daemon.stop()
+        wait_for(
+            lambda: not tcp_accepts(instance.address, instance.ssh_port, timeout=0.3),
+            timeout=10,
+            what=f"sshd of {name} to stop listening",
+        )
+
+    def sshd_running(self, name: str) -> bool:
+        """True while the instance's sshd process is running."""
+        daemon = self._sshd.get(name)
+        return daemon is not None and daemon.running()
+
+    # ---------------------------------------------------------------- instances
+
+    def compose(self, name: str, *args: str, timeout: float = 120) -> str:
+        """Run ``docker-compose -f FILE --project-directory DIR ARGS`` for one
+        instance and return its output."""
+        instance = self.instance(name)
+        argv = [
+            *self.compose_command,
+            "-f",
+            str(instance.compose_file),
+            "--project-directory",
+            str(instance.project_directory),
+            *args,
+        ]
+        result = run(argv, timeout=timeout, env=clean_env(), cwd=instance.project_directory)
+        return result.stdout + result.stderr
+
+    def _bring_up_instances(self) -> None:
+        image_ref = f"{self.image_repository}:{self.initial_tag}"
+        for instance in self.instances:
+            text = compose.render_compose_file(
+                instance=instance.name, address=instance.address, image=image_ref, http_port=HTTP_PORT
+            )
+            instance.compose_file.write_text(text)
+            self._initial_compose_text[instance.name] = text
+        # Each docker-compose call spends ~1.4 s starting Python; run them side by side.
+        self._compose_up([instance.name for instance in self.instances])
+        self._wait_healthy([instance.name for instance in self.instances])
+        for container in self._containers():
+            labels = container["Config"]["Labels"]
+            self._initial_config_hash[labels["com.docker.compose.project"]] = labels["com.docker.compose.config-hash"]
+
+    def _compose_up(self, names: list[str]) -> None:
+        if not names:
+            return
+        with ThreadPoolExecutor(max_workers=len(names)) as pool:
+            for future in [pool.submit(self.compose, name, "up", "-d") for name in names]:
+                future.result()
+
+    def _wait_healthy(self, names: list[str], timeout: float = 60) -> None:
+        for name in names:
+            url = self.instance(name).health_url
+
+            def healthy(url: str = url) -> bool:
+                return http_status(url, timeout=1) == 200
+
+            wait_for(healthy, timeout=timeout, what=f"{url} to answer 200")
+
+    def _server_container(self, name: str) -> str:
+        ids = run(
+            [
+                self.docker,
+                "ps",
+                "-q",
+                "--filter",
+                f"label=com.docker.compose.project={name}",
+                "--filter",
+                "label=com.docker.compose.service=server",
+            ],
+            timeout=30,
+        ).stdout.split()
+        if len(ids) != 1:
+            raise TestbedError(f"expected one running server container for {name}, found {len(ids)}")
+        return ids[0]
+
+    def container_id(self, name: str) -> str:
+        """ID of the running ``server`` container of an instance."""
+        return self._server_container(name)
+
+    def running_image(self, name: str) -> str:
+        """The image ID (sha256:...) the instance's running ``server`` container runs."""
+        container = self._server_container(name)
+        return run([self.docker, "inspect", "--format", "{{.Image}}", container], timeout=30).stdout.strip()
+
+    # ------------------------------------------------------------------ haproxy
+
+    def _start_haproxy(self) -> None:
+        config = self.workdir / "haproxy" / "haproxy.cfg"
+        config.write_text(
+            haproxy.render_config(
+                lb_port=self.lb_port,
+                admin_port=self.lb_admin_port,
+                admin_unix_socket=self.lb_admin_unix_socket,
+                backend=self.lb_backend,
+                servers=[haproxy.BackendServer(i.lb_server, i.address, HTTP_PORT) for i in self.instances],
+            )
+        )
+        if self._haproxy is None:
+            # -db: foreground, a single process we own directly (no master/worker).
+            self._haproxy = Daemon(
+                "haproxy",
+                ["haproxy", "-db", "-f", str(config)],
+                self._logs / "haproxy.log",
+                die_with_parent=self.die_with_parent,
+            )
+        self._haproxy.start()
+        wait_for(
+            lambda: self.admin.command("show info") != "",
+            timeout=20,
+            what="the HAProxy admin socket",
+            abort=self._haproxy.exit_reason,
+        )
+
+    def haproxy_command(self, command: str) -> str:
+        """Send one command to the HAProxy admin socket and return the answer."""
+        return self.admin.command(command)
+
+    def haproxy_server_states(self) -> dict[str, dict[str, str]]:
+        """`show stat` rows of the backend's servers keyed by server name:
+        {"status": "UP"|"DOWN"|"DRAIN"|"MAINT"|..., "scur": "0", ...}."""
+        return self.admin.server_stats(self.lb_backend)
+
+    def haproxy_servers_state(self) -> dict[str, dict[str, str]]:
+        """`show servers state` of the backend keyed by server name
+        (srv_op_state, srv_admin_state, ...)."""
+        return self.admin.show_servers_state(self.lb_backend)
+
+    def set_server_state(self, name: str, state: str) -> None:
+        """`set server app/NAME state ready|drain|maint`."""
+        self.admin.set_server_state(self.lb_backend, self.instance(name).lb_server, state)
+
+    def wait_all_up(self, timeout: float = 60) -> None:
+        """Wait until every instance answers /health with 200 and HAProxy
+        reports every server UP (operational, admin state ready)."""
+
+        def all_up() -> bool:
+            for instance in self.instances:
+                if http_status(instance.health_url, timeout=1) != 200:
+                    return False
+            stats = self.haproxy_server_states()
+            states = self.haproxy_servers_state()
+            for instance in self.instances:
+                if stats.get(instance.lb_server, {}).get("status") != "UP":
+                    return False
+                state = states.get(instance.lb_server, {})
+                # srv_op_state 2 = running, srv_admin_state 0 = no maint/drain flag.
+                if state.get("srv_op_state") != "2" or state.get("srv_admin_state") != "0":
+                    return False
+            return True
+
+        wait_for(
+            all_up,
+            timeout=timeout,
+            interval=0.1,
+            what="every instance healthy and UP in HAProxy",
+            abort=self._haproxy.exit_reason if self._haproxy else None,
+        )
+
+    # -------------------------------------------------------------------- reset
+
+    def reset(self, timeout: float = 90) -> None:
+        """Bring the bed back to the state start() left it in: every daemon
+        running, images and registry tags as built, every compose file as
+        written, every instance running v1 from it, every HAProxy server
+        ready and UP. Only what differs is repaired, so a reset of an
+        untouched bed costs a few cheap probes."""
+        if not self._started:
+            raise TestbedError("reset() needs a started test bed")
+        if self._haproxy is not None and not self._haproxy.running():
+            self._start_haproxy()
+        if not self.registry_running():
+            self.start_registry()
+        for instance in self.instances:
+            if not self.sshd_running(instance.name) or not tcp_accepts(instance.address, instance.ssh_port):
+                self.start_sshd(instance.name)
+        self._ensure_images()
+
+        needs_up: set[str] = set()
+        for instance in self.instances:
+            text = self._initial_compose_text[instance.name]
+            try:
+                unchanged = instance.compose_file.read_text() == text
+            except OSError:
+                unchanged = False
+            if not unchanged:
+                instance.compose_file.write_text(text)
+                needs_up.add(instance.name)
+        by_project: dict[str, list[dict[str, Any]]] = {}
+        for container in self._containers():
+            project = container["Config"]["Labels"].get("com.docker.compose.project", "")
+            by_project.setdefault(project, []).append(container)
+        v1 = self._image_ids[self.initial_tag]
+        for instance in self.instances:
+            containers = by_project.get(instance.name, [])
+            if len(containers) != 1:
+                # Missing, or debris of an interrupted recreate: start clean.
+                self._remove_containers(instance.name)
+                needs_up.add(instance.name)
+                continue
+            container = containers[0]
+            labels = container["Config"]["Labels"]
+            if (
+                not container["State"]["Running"]
+                or container["Image"] != v1
+                or labels.get("com.docker.compose.config-hash") != self._initial_config_hash.get(instance.name)
+            ):
+                needs_up.add(instance.name)
+        if needs_up:
+            log.info("reset: bringing up %s again", ", ".join(sorted(needs_up)))
+            self._compose_up(sorted(needs_up))
+
+        for instance in self.instances:
+            self.admin.command(f"enable health {self.lb_backend}/{instance.lb_server}")
+            self.set_server_state(instance.name, "ready")
+        self.wait_all_up(timeout=timeout)
