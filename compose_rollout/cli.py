@@ -42,6 +42,8 @@ def table(rows: list[dict[str, object]]) -> str:
 
 
 def _deploy(args: argparse.Namespace) -> int:
+    # Refuse bad input at once, before paying for Prefect's start-up (the flow checks again).
+    procedure.target_image(load_fleet(args.fleet), args.tag, args.image)
     _quiet_prefect_defaults()
     from flows.rolling_deploy import rolling_deploy  # imports Prefect: only when deploying
 

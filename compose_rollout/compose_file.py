@@ -66,6 +66,8 @@ def locate_image(text: str, service: str, where: str = "compose file") -> ImageV
         raise ConfigError(f"{where}: the image of {service!r} is a YAML anchor; edit it by hand")
     if "$" in value:
         raise ConfigError(f"{where}: the image of {service!r} uses a variable ({value}); set it in the file")
+    if "image" not in definition.lc.data:  # type: ignore[attr-defined]  # ruamel's CommentedMap
+        raise ConfigError(f"{where}: the image of {service!r} comes from a merge key (<<); edit it by hand")
     line, column = definition.lc.value("image")  # type: ignore[attr-defined]  # ruamel's CommentedMap
     lines = text.splitlines(keepends=True)
     offset = sum(len(previous) for previous in lines[:line]) + column

@@ -14,6 +14,7 @@ import re
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
@@ -161,6 +162,13 @@ class RolloutPolicy(_Strict):
         bool, Field(description="Allow a fleet of one instance (it cannot stay up during the update).")
     ] = False
 
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _batch_type(cls, value: object) -> object:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError(f"batch_size must be a count or a percentage like '25%', got {value!r}")
+        return value
+
     @field_validator("batch_size")
     @classmethod
     def _batch(cls, value: int | str) -> int | str:
@@ -245,6 +253,14 @@ class Instance(_Strict):
         if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", value):
             raise ValueError(f"health_url must be an http(s) URL, got {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _derived_project(self) -> Instance:
+        if self.project_name is None and not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", self.compose_project):
+            raise ValueError(
+                f"project_directory {self.project_directory!r} gives no valid Compose project name; set project_name"
+            )
+        return self
 
     @property
     def compose_path(self) -> str:
@@ -382,6 +398,6 @@ def load_fleet(path: Path | str, **overrides: object) -> Fleet:
         loaded = _FromFile(**overrides)  # type: ignore[arg-type]
     except ValidationError as error:
         raise ConfigError(f"fleet file {path}: {_format_error(error)}") from None
-    except (OSError, ValueError) as error:  # unreadable file or YAML syntax
+    except (OSError, ValueError, yaml.YAMLError) as error:  # unreadable file or YAML syntax
         raise ConfigError(f"fleet file {path}: {error}") from None
     return Fleet.model_construct(**dict(loaded))

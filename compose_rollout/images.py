@@ -49,23 +49,37 @@ class ImageRef:
     @property
     def registry(self) -> str:
         """The registry host (with port), `docker.io` when the name has none."""
-        first, _, rest = self.repository.partition("/")
-        if rest and ("." in first or ":" in first or first == "localhost"):
-            return first
-        return DOCKER_HUB
+        return _split_registry(self.repository)[0]
 
     @property
     def path(self) -> str:
-        """The repository path inside its registry (`library/` added on Docker Hub)."""
-        first, _, rest = self.repository.partition("/")
-        if rest and ("." in first or ":" in first or first == "localhost"):
-            return rest
-        return self.repository if "/" in self.repository else f"library/{self.repository}"
+        """The repository path inside its registry (`library/` added on Docker Hub, as docker does)."""
+        registry, path = _split_registry(self.repository)
+        return f"library/{path}" if registry == DOCKER_HUB and "/" not in path else path
+
+
+def _names_registry(first: str) -> bool:
+    return "." in first or ":" in first or first == "localhost"
+
+
+def _split_registry(repository: str) -> tuple[str, str]:
+    """(registry, path), by docker's rule: a first component with `.` or `:`, or
+    `localhost`, is a registry host; `index.docker.io` is Docker Hub."""
+    first, _, rest = repository.partition("/")
+    if rest and _names_registry(first):
+        return (DOCKER_HUB if first in (DOCKER_HUB, "index.docker.io") else first), rest
+    return DOCKER_HUB, repository
 
 
 def validate_repository(repository: str) -> str:
     """Return `repository` if it is a valid image name without tag or digest."""
-    if len(repository) > MAX_REPOSITORY_LENGTH or not _REPOSITORY_RE.fullmatch(repository):
+    first = repository.partition("/")[0]
+    if (
+        len(repository) > MAX_REPOSITORY_LENGTH
+        or not _REPOSITORY_RE.fullmatch(repository)
+        # docker would read an upper-case first component as a registry host; refuse the ambiguity
+        or (not _names_registry(first) and first != first.lower())
+    ):
         raise ConfigError(f"invalid image repository {repository!r}: expected e.g. ghcr.io/org/app")
     return repository
 

@@ -88,10 +88,11 @@ class RegistryClient:
         """The digest `ref`'s tag points to now; RegistryError if the tag does not exist."""
         if ref.digest:
             return ref.digest
-        url = f"{base_url(ref, self.settings)}/manifests/{ref.tag or 'latest'}"
+        tag = ref.tag or "latest"
+        url = f"{base_url(ref, self.settings)}/manifests/{tag}"
         response = self._request("HEAD", url, {"Accept": MANIFEST_TYPES})
         if response.status_code == 404:
-            raise RegistryError(f"tag {ref.tag} does not exist in {ref.repository}")
+            raise RegistryError(f"tag {tag} does not exist in {ref.repository}")
         if response.status_code != 200:
             raise RegistryError(f"registry answered {response.status_code} for {ref} ({url})")
         digest = response.headers.get("Docker-Content-Digest", "")

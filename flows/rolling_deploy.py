@@ -129,9 +129,13 @@ def _preflight(ctx: Context, target: ImageRef) -> tuple[ImageRef, dict[str, proc
     return pinned, snapshots, image_ids.pop()
 
 
-def _rollback(ctx: Context, ledger: Ledger, order: list[str]) -> str:
-    """Roll back instances one at a time; stop at the first that fails. Returns a note."""
+def _rollback(ctx: Context, ledger: Ledger, order: list[str]) -> tuple[list[str], str]:
+    """Roll back instances one at a time; stop at the first that fails.
+
+    Returns the instances rolled back, in order, and a note for a person ("" if none needed).
+    """
     logger = get_run_logger()
+    rolled: list[str] = []
     for name in order:
         record = ledger[name]
         if not (record.changed or record.drained) or record.rollback_attempted:
@@ -139,15 +143,16 @@ def _rollback(ctx: Context, ledger: Ledger, order: list[str]) -> str:
         logger.warning("rolling back %s to %s", name, record.old_image)
         try:
             rollback_instance(ctx, name, ledger)
+            rolled.append(name)
         except Exception as error:  # noqa: BLE001 - reported to the person, with the instance
             ledger.update(name, outcome="rollback failed", error=str(error))
             untouched = [other for other in order if other != name and ledger[other].outcome == "updated"]
             still = f"; not rolled back, still on the new image: {', '.join(untouched)}" if untouched else ""
-            return (
+            return rolled, (
                 f"ROLLBACK FAILED on {name} ({error}). Stopped rolling back so the others keep serving{still}. "
                 f"A person must check {name}: its original compose file is in the journal {ledger.journal}."
             )
-    return ""
+    return rolled, ""
 
 
 def _report(ledger: Ledger) -> list[dict[str, Any]]:
@@ -170,7 +175,7 @@ def _report(ledger: Ledger) -> list[dict[str, Any]]:
     return rows
 
 
-def _summary(fleet: Fleet, ledger: Ledger, failure: StepFailed | BaseException, rollback_note: str) -> str:
+def _summary(fleet: Fleet, ledger: Ledger, failure: BaseException, rolled: list[str], rollback_note: str) -> str:
     if isinstance(failure, StepFailed):
         what = f"failed on instance {failure.instance} at step {failure.step}: {failure.cause}"
     else:
@@ -179,7 +184,6 @@ def _summary(fleet: Fleet, ledger: Ledger, failure: StepFailed | BaseException, 
         record.changed or record.drained for record in ledger.records.values()
     ):
         return f"Rollout of fleet {fleet.name} to {ledger.target} refused before any instance was touched: {failure}"
-    rolled = [r.name for r in ledger.records.values() if r.outcome == "rolled back"]
     back = f" Rolled back {', '.join(rolled)}." if rolled else " No instance had been changed."
     if rollback_note:
         return f"Rollout of fleet {fleet.name} to {ledger.target} {what}.{back} {rollback_note}"
@@ -274,8 +278,8 @@ def rolling_deploy(
                 raise error if isinstance(error, StepFailed) else StepFailed(failed, ledger[failed].step, error)
     except BaseException as failure:
         failed_names = [name for name in order if ledger[name].outcome == "failed"]
-        note = _rollback(ctx, ledger, failed_names + [n for n in reversed(order) if n not in failed_names])
-        summary = _summary(fleet, ledger, failure, note)
+        rolled, note = _rollback(ctx, ledger, failed_names + [n for n in reversed(order) if n not in failed_names])
+        summary = _summary(fleet, ledger, failure, rolled, note)
         logger.error(summary)
         _publish(fleet, ledger, summary)
         if isinstance(failure, Exception):

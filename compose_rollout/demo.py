@@ -1,0 +1,74 @@
+"""The demo: a real local fleet, real traffic, a real rolling deploy.
+
+    python -m compose_rollout.demo [--tag v2|broken] [--keep]
+
+Starts the test bed (Docker engine, registry, three Compose instances each with its
+own sshd and address, HAProxy in front), sends traffic through HAProxy the whole
+time (slow requests included), rolls the fleet from v1 to the tag, and prints what
+happened to the fleet and to the requests. `--tag broken` shows an automatic rollback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from compose_rollout.cli import table
+from compose_rollout.errors import RolloutError
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = argparse.ArgumentParser(prog="./dev demo", description=__doc__)
+    options.add_argument("--tag", default="v2", help="tag to roll out: v2 (good) or broken (fails /health)")
+    options.add_argument(
+        "--workdir", type=Path, default=Path(".testbed/demo"), help="where the fleet lives (default: .testbed/demo)"
+    )
+    options.add_argument("--keep", action="store_true", help="leave the fleet running afterwards")
+    args = options.parse_args(argv)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+    from compose_rollout.testbed import Testbed
+    from compose_rollout.traffic import Traffic
+    from flows.rolling_deploy import rolling_deploy
+
+    print(f"Starting the demo fleet in {args.workdir} (Docker engine, registry, 3 instances, HAProxy)...")
+    bed = Testbed(args.workdir)
+    bed.start()
+    failure = ""
+    try:
+        fleet_file = bed.fleet_file()
+        print(f"Fleet file: {fleet_file}\nAll instances run v1. Traffic through HAProxy at {bed.lb_url} starts now.")
+        traffic = Traffic(bed.lb_url)
+        traffic.start()
+        try:
+            rows = rolling_deploy(fleet_file=str(fleet_file), tag=args.tag, triggered_by="demo")
+        except RolloutError as error:
+            failure, rows = str(error), []
+        finally:
+            seen = traffic.stop()
+        print()
+        if rows:
+            print(table(rows))
+        else:
+            print(f"DEPLOY FAILED: {failure}")
+        running = {instance.name: bed.running_image(instance.name)[:19] for instance in bed.instances}
+        print(f"\nRunning image IDs now: {running}")
+        print(
+            f"Traffic through HAProxy during the rollout: {seen.total} requests, {seen.failed} failed, "
+            f"{seen.slow_ok} slow ({traffic.slow_seconds} s) requests completed; versions served: {seen.versions}"
+        )
+        for item in seen.failures[:5]:
+            print(f"  failed: {item}")
+        if args.keep:
+            print(f"\nThe fleet keeps running. Try: rollout status --fleet {fleet_file}")
+    finally:
+        if not args.keep:
+            bed.stop()
+    return 0 if not failure and seen.failed == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
