@@ -1,0 +1,122 @@
+"""Rolling deploys on the real test bed, under steady traffic through HAProxy.
+
+Real Docker engine, registry, one sshd per instance, HAProxy and Prefect; the load
+generator runs in its own process. Nothing here is mocked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from compose_rollout.errors import DeployFailed
+from compose_rollout.testbed import Testbed
+from compose_rollout.traffic import Traffic, TrafficResult
+from flows.rolling_deploy import rolling_deploy
+
+pytestmark = [pytest.mark.fleet, pytest.mark.usefixtures("prefect_server")]
+
+
+@dataclass(frozen=True)
+class FleetState:
+    compose: dict[str, bytes]
+    containers: dict[str, str]
+    images: dict[str, str]
+    lb: dict[str, str]
+
+
+def observe(bed: Testbed) -> FleetState:
+    """What a person would check: compose files, containers, images, the LB's view."""
+    servers = bed.haproxy_server_states()
+    return FleetState(
+        compose={i.name: i.compose_file.read_bytes() for i in bed.instances},
+        containers={i.name: bed.container_id(i.name) for i in bed.instances},
+        images={i.name: bed.running_image(i.name) for i in bed.instances},
+        lb={i.name: servers[i.lb_server]["status"] for i in bed.instances},
+    )
+
+
+def fleet_file(bed: Testbed, tmp_path: Path, **overrides: object) -> str:
+    return str(bed.fleet_file(tmp_path / "fleet.yaml", state_directory=str(tmp_path / "state"), **overrides))
+
+
+def deploy_under_traffic(
+    bed: Testbed, fleet: str, tag: str
+) -> tuple[list[dict[str, object]] | None, str, TrafficResult]:
+    traffic = Traffic(bed.lb_url, slow_workers=3, slow_seconds=3)
+    traffic.start()
+    rows, failure = None, ""
+    try:
+        rows = rolling_deploy(fleet_file=fleet, tag=tag, triggered_by="test")
+    except DeployFailed as error:
+        failure = str(error)
+    finally:
+        seen = traffic.stop()
+    return rows, failure, seen
+
+
+@pytest.mark.timeout(300)
+def test_fleet_moves_to_the_new_tag_without_a_failed_request(fresh_fleet: Testbed, tmp_path: Path) -> None:
+    bed = fresh_fleet
+    before = observe(bed)
+    rows, failure, seen = deploy_under_traffic(bed, fleet_file(bed, tmp_path), "v2")
+
+    assert failure == ""
+    after = observe(bed)
+    v2 = bed.image_id(f"{bed.image_repository}:v2")
+    assert after.images == {name: v2 for name in after.images}
+    for name, text in after.compose.items():
+        # Only the image value changed, pinned to the digest, the tag still readable.
+        assert f"{bed.image_repository}:v2@sha256:".encode() in text
+        old_line = f"{bed.image_repository}:v1".encode()
+        assert text.replace(text.split(b"image: ")[1].split()[0], old_line) == before.compose[name]
+    assert set(after.lb.values()) == {"UP"}
+    assert rows is not None and {row["result"] for row in rows} == {"updated"}
+
+    assert seen.failed == 0, seen.failures
+    assert seen.slow_ok > 0 and seen.slow_failed == 0
+    assert seen.versions.get("v2", 0) > 0
+    # Requests were in flight when instances were drained, and they completed.
+    assert sum(int(row["sessions at drain"]) for row in rows) > 0  # type: ignore[call-overload]
+
+
+@pytest.mark.timeout(300)
+def test_a_broken_image_rolls_the_whole_fleet_back_without_a_failed_request(
+    fresh_fleet: Testbed, tmp_path: Path
+) -> None:
+    bed = fresh_fleet
+    before = observe(bed)
+    fleet = fleet_file(bed, tmp_path, health={"timeout_seconds": 8})
+    rows, failure, seen = deploy_under_traffic(bed, fleet, "broken")
+
+    assert rows is None
+    assert "instance app-1" in failure and "step await-healthy" in failure and "/health" in failure
+    assert "Rolled back app-1" in failure
+    after = observe(bed)
+    assert after.images == before.images  # every instance back on v1
+    assert after.compose == before.compose  # byte for byte
+    assert set(after.lb.values()) == {"UP"}
+    assert seen.failed == 0, seen.failures
+
+
+@pytest.mark.timeout(300)
+def test_a_failure_on_a_later_instance_rolls_back_the_ones_already_moved(fresh_fleet: Testbed, tmp_path: Path) -> None:
+    bed = fresh_fleet
+    # app-3 fails /health on v2 only: app-1 and app-2 move, app-3 fails, all roll back.
+    app3 = bed.instance("app-3").compose_file
+    app3.write_text(app3.read_text().replace("LOG_LEVEL: info", "LOG_LEVEL: info\n      UNHEALTHY_ON_VERSION: v2"))
+    bed.compose("app-3", "up", "-d")
+    bed.wait_all_up()
+    before = observe(bed)
+    fleet = fleet_file(bed, tmp_path, health={"timeout_seconds": 6})
+    _, failure, seen = deploy_under_traffic(bed, fleet, "v2")
+
+    assert "instance app-3" in failure and "await-healthy" in failure
+    assert "Rolled back app-3, app-2, app-1" in failure
+    after = observe(bed)
+    assert after.images == before.images
+    assert after.compose == before.compose
+    assert set(after.lb.values()) == {"UP"}
+    assert seen.failed == 0, seen.failures
