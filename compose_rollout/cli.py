@@ -67,7 +67,8 @@ def _per_instance(fleet: Fleet, ctx: Context, action: object) -> list[dict[str, 
 def _plan(args: argparse.Namespace) -> int:
     fleet = load_fleet(args.fleet)
     target = procedure.target_image(fleet, args.tag, args.image)
-    pinned = target.with_digest(RegistryClient(fleet.registry).resolve_digest(target))
+    with RegistryClient(fleet.registry) as registry:
+        pinned = target.with_digest(registry.resolve_digest(target))
     ctx = Context.connect(fleet)
     diffs: dict[str, str] = {}
 

@@ -31,6 +31,7 @@ class InstanceRecord:
     original: bytes
     mode: int
     new_image: str = ""
+    # Recorded before each action (write-ahead): True means "may have happened".
     drained: bool = False
     file_written: bool = False
     restarted: bool = False

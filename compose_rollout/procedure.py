@@ -274,16 +274,16 @@ def pull_image(ctx: Context, instance: Instance, image: str) -> str:
 
 
 def drain(ctx: Context, instance: Instance, ledger: Ledger) -> int:
-    """Stop new connections to the instance; return the sessions it still had."""
+    """Stop new connections to the instance; return the sessions it still had.
+
+    The ledger records the drain before it is asked of the LB (write-ahead), so an
+    interruption between the two still leaves it known and re-enabled by `release_all`.
+    """
+    record = ledger[instance.name]
+    ledger.update(instance.name, drained=True, drained_at=record.drained_at or time.time())
     ctx.lb.set_state(instance.lb_server, "drain")
     sessions = ctx.lb.server(instance.lb_server).sessions
-    record = ledger[instance.name]
-    ledger.update(
-        instance.name,
-        drained=True,
-        sessions_at_drain=sessions,
-        drained_at=record.drained_at or time.time(),
-    )
+    ledger.update(instance.name, sessions_at_drain=sessions)
     return sessions
 
 
@@ -312,11 +312,13 @@ def write_compose(ctx: Context, instance: Instance, ledger: Ledger, image: str) 
     """Write the compose file with `image` for the service (atomically, original kept in the ledger)."""
     record = ledger[instance.name]
     where = f"{instance.name}:{instance.compose_path}"
-    content = (
-        set_image(record.original, ctx.fleet.service, image, where) if image != record.old_image else record.original
-    )
+    if image == record.old_image:
+        return
+    content = set_image(record.original, ctx.fleet.service, image, where)
+    # Write-ahead: recorded before the write, so an interrupted write is still checked by
+    # the rollback (which compares the bytes and rewrites only if they differ).
+    ledger.update(instance.name, file_written=True)
     ctx.hosts[instance.name].write_file_atomic(instance.compose_path, content, record.mode)
-    ledger.update(instance.name, file_written=image != record.old_image)
 
 
 def restore_compose(ctx: Context, instance: Instance, record: InstanceRecord) -> None:

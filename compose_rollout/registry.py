@@ -52,6 +52,16 @@ class RegistryClient:
         self.session = requests.Session()
         self._tokens: dict[str, str] = {}
 
+    def __enter__(self) -> RegistryClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the HTTP connections."""
+        self.session.close()
+
     def _auth(self) -> tuple[str, str] | None:
         if self.settings.username and self.settings.password:
             return (self.settings.username, self.settings.password.get_secret_value())

@@ -71,8 +71,8 @@ def rollback_instance(ctx: Context, instance: str, ledger: Ledger) -> None:
     if not record.drained:
         _step(ledger, instance, "rollback: drain", never, steps.drain, ctx, instance, ledger)
         _step(ledger, instance, "rollback: wait-for-sessions", never, steps.wait_for_sessions, ctx, instance, ledger)
-    if record.file_written:
-        _step(ledger, instance, "rollback: restore-compose", never, steps.restore_compose, ctx, instance, ledger)
+    # Always compared with the original: an interrupted write may have landed or not.
+    _step(ledger, instance, "rollback: restore-compose", never, steps.restore_compose, ctx, instance, ledger)
     if record.restarted:
         _step(ledger, instance, "rollback: up", never, steps.up, ctx, instance, ledger)
         _step(
@@ -105,7 +105,8 @@ def _preflight(ctx: Context, target: ImageRef) -> tuple[ImageRef, dict[str, proc
     """Check everything, pre-pull everywhere; touch nothing. Returns pinned image, snapshots, image ID."""
     logger = get_run_logger()
     try:
-        digest = RegistryClient(ctx.fleet.registry).resolve_digest(target)
+        with RegistryClient(ctx.fleet.registry) as registry:
+            digest = registry.resolve_digest(target)
     except RegistryError as error:
         raise PreflightError(f"registry: {error}") from None
     pinned = target.with_digest(digest)

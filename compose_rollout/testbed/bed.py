@@ -511,6 +511,13 @@ class Testbed:
             what=f"sshd of {name} to stop listening",
         )
 
+    def ssh_logins(self, name: str) -> int:
+        """How many SSH logins the instance's sshd has accepted so far (from its own log)."""
+        log_file = self._logs / f"sshd-{name}.log"
+        if not log_file.exists():
+            return 0
+        return sum("Accepted publickey" in line for line in log_file.read_text(errors="replace").splitlines())
+
     def sshd_running(self, name: str) -> bool:
         """True while the instance's sshd process is running."""
         daemon = self._sshd.get(name)

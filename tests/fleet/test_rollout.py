@@ -6,10 +6,16 @@ generator runs in its own process. Nothing here is mocked.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from prefect.client.schemas.sorting import ArtifactSort
 
 from compose_rollout.errors import DeployFailed
 from compose_rollout.testbed import Testbed
@@ -61,9 +67,14 @@ def deploy_under_traffic(
 def test_fleet_moves_to_the_new_tag_without_a_failed_request(fresh_fleet: Testbed, tmp_path: Path) -> None:
     bed = fresh_fleet
     before = observe(bed)
+    logins = {i.name: bed.ssh_logins(i.name) for i in bed.instances}
     rows, failure, seen = deploy_under_traffic(bed, fleet_file(bed, tmp_path), "v2")
 
     assert failure == ""
+    # One SSH connection per host served the whole run (counted by each sshd).
+    assert {i.name: bed.ssh_logins(i.name) - logins[i.name] for i in bed.instances} == {
+        i.name: 1 for i in bed.instances
+    }
     after = observe(bed)
     v2 = bed.image_id(f"{bed.image_repository}:v2")
     assert after.images == {name: v2 for name in after.images}
@@ -80,6 +91,16 @@ def test_fleet_moves_to_the_new_tag_without_a_failed_request(fresh_fleet: Testbe
     assert seen.versions.get("v2", 0) > 0
     # Requests were in flight when instances were drained, and they completed.
     assert sum(int(row["sessions at drain"]) for row in rows) > 0  # type: ignore[call-overload]
+    # The run left its summary in Prefect, per instance.
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["rollout-demo"])),
+            sort=ArtifactSort.CREATED_DESC,
+            limit=1,
+        )
+    artifact = artifacts[0]
+    assert "runs" in (artifact.description or "")
+    assert [row["result"] for row in json.loads(str(artifact.data))] == ["updated"] * 3
 
 
 @pytest.mark.timeout(300)
@@ -120,3 +141,31 @@ def test_a_failure_on_a_later_instance_rolls_back_the_ones_already_moved(fresh_f
     assert after.compose == before.compose
     assert set(after.lb.values()) == {"UP"}
     assert seen.failed == 0, seen.failures
+
+
+@pytest.mark.timeout(300)
+def test_cli_deploy_exits_0_on_success_and_1_with_a_summary_after_rollback(
+    fresh_fleet: Testbed, tmp_path: Path
+) -> None:
+    bed = fresh_fleet
+    fleet = fleet_file(bed, tmp_path, health={"timeout_seconds": 6})
+    rollout = [sys.executable, "-m", "compose_rollout.cli", "deploy", "--fleet", fleet]
+    good = subprocess.run([*rollout, "--tag", "v2"], capture_output=True, text=True, timeout=240)
+    assert good.returncode == 0, good.stderr[-2000:]
+    assert good.stdout.count("updated") == 3
+    v2 = bed.image_id(f"{bed.image_repository}:v2")
+    assert {bed.running_image(i.name) for i in bed.instances} == {v2}
+
+    before = observe(bed)
+    bad = subprocess.run([*rollout, "--tag", "broken"], capture_output=True, text=True, timeout=240)
+    assert bad.returncode == 1
+    summary = next(line for line in bad.stderr.splitlines() if line.startswith("FAILED: "))
+    assert summary.startswith("FAILED: Rollout of fleet demo")
+    assert "instance app-1 at step await-healthy" in summary and "Rolled back app-1" in summary
+    after = observe(bed)  # app-1 runs v2 again in a new container; the others were never touched
+    assert (after.images, after.compose, after.lb) == (before.images, before.compose, before.lb)
+    assert {name: after.containers[name] == before.containers[name] for name in after.containers} == {
+        "app-1": False,
+        "app-2": True,
+        "app-3": True,
+    }

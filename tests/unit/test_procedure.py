@@ -127,14 +127,18 @@ def test_set_image_then_restore_gives_back_the_original_bytes_and_mode() -> None
     assert host.modes[instance.compose_path] == 0o640
 
 
-def test_a_failed_write_leaves_the_ledger_saying_nothing_was_written() -> None:
+def test_a_failed_write_leaves_the_original_and_a_rollback_with_nothing_to_rewrite() -> None:
     ctx, host, _, _ = make_context()
     ledger = make_ledger(ctx)
-    host.fail_writes = True
+    host.fail_writes = True  # a full disk: every write fails
     with pytest.raises(RolloutError, match="original left intact"):
         procedure.write_compose(ctx, ctx.fleet.instance("app-1"), ledger, "registry.example/demo/app:v2")
     assert host.files["/srv/app-1/docker-compose.yml"] == COMPOSE
-    assert not ledger["app-1"].file_written
+    # The ledger recorded the attempt, so a rollback checks the file; it finds the
+    # original bytes and does not try to write (which would fail again).
+    assert ledger["app-1"].file_written
+    procedure.restore_compose(ctx, ctx.fleet.instance("app-1"), ledger["app-1"])
+    assert host.files["/srv/app-1/docker-compose.yml"] == COMPOSE
 
 
 def test_lb_wait_reports_the_last_state_seen() -> None:
