@@ -3,6 +3,7 @@ real registry and one real sshd per instance, all on this machine."""
 
 from __future__ import annotations
 
+import fcntl
 import http.client
 import json
 import logging
@@ -14,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import IO, Any
 
 import yaml
 
@@ -39,6 +40,8 @@ SSH_PORT = 2222
 # Binaries the bed runs; checked up front so a missing package is one clear error.
 REQUIRED_BINARIES = ("docker", "dockerd", "docker-compose", "docker-registry", "haproxy", "ssh-keygen")
 SSHD = "/usr/sbin/sshd"
+LOCK_PATH = "/run/lock/compose-rollout-testbed.lock"
+LOCK_WAIT_SECONDS = 1800
 
 # Top-level entries of the workdir that belong to the bed (removed by stop()
 # unless keep_workdir); anything else a caller put there is left alone.
@@ -149,6 +152,7 @@ class Testbed:
         self._initial_config_hash: dict[str, str] = {}
         self._image_ids: dict[str, str] = {}
         self._started = False
+        self._lock_file: IO[str] | None = None
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -177,6 +181,7 @@ class Testbed:
         everything already started is stopped again before the error is
         raised."""
         began = time.monotonic()
+        self._take_machine_lock()
         try:
             self._check_prerequisites()
             self._ensure_docker_engine()
@@ -226,8 +231,37 @@ class Testbed:
         if not self.keep_workdir:
             attempt("remove workdir", self._remove_workdir)
         self._started = False
+        if self._lock_file is not None:
+            self._lock_file.close()  # releases the flock
+            self._lock_file = None
         if errors:
             raise TestbedError(f"test bed stop had {len(errors)} failure(s); first: {errors[0]}") from errors[0]
+
+    def _take_machine_lock(self) -> None:
+        """One bed per machine at a time: they share fixed addresses, ports and the
+        engine's labelled containers. A second bed (a demo during a test run, say)
+        waits for the first, up to LOCK_WAIT_SECONDS, then fails saying why."""
+        if self._lock_file is not None:
+            return
+        Path(LOCK_PATH).parent.mkdir(parents=True, exist_ok=True)
+        handle = open(LOCK_PATH, "a")  # held (locked) until stop()
+        deadline = time.monotonic() + LOCK_WAIT_SECONDS
+        announced = False
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    handle.close()
+                    raise TestbedError(
+                        f"another test bed holds {LOCK_PATH} (a test run or a demo); waited {LOCK_WAIT_SECONDS} s"
+                    ) from None
+                if not announced:
+                    log.warning("another test bed is running; waiting for %s", LOCK_PATH)
+                    announced = True
+                time.sleep(0.5)
+        self._lock_file = handle
 
     # ------------------------------------------------------------ docker engine
 
