@@ -40,7 +40,11 @@ class InstanceRecord:
     error: str = ""
     sessions_at_drain: int = 0
     sessions_cut: int = 0
+    # Wall-clock (Unix) times of the last update's phases, for timelines and audit.
     drained_at: float | None = None
+    up_at: float | None = None
+    healthy_at: float | None = None
+    lb_up_at: float | None = None
     enabled_at: float | None = None
     seconds_to_healthy: float | None = None
     rollback_attempted: bool = False

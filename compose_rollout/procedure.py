@@ -332,7 +332,7 @@ def up(ctx: Context, instance: Instance, ledger: Ledger) -> None:
     """`up -d --no-deps SERVICE`: recreate the container from the compose file."""
     timeout = ctx.fleet.compose.up_timeout_seconds
     argv = commands.compose_up(instance, compose_version(ctx, instance), ctx.fleet.service)
-    ledger.update(instance.name, restarted=True)
+    ledger.update(instance.name, restarted=True, up_at=time.time())
     ctx.run(instance, commands.with_timeout(argv, timeout), timeout=timeout + 15)
 
 

@@ -94,6 +94,21 @@ class RegistryClient:
             raise RegistryError(f"registry unreachable at {url}: {error}") from None
         return response
 
+    def list_tags(self, ref: ImageRef, limit: int = 10000) -> list[str]:
+        """Every tag of `ref`'s repository (following pagination, at most `limit`)."""
+        url: str | None = f"{base_url(ref, self.settings)}/tags/list?n=1000"
+        tags: list[str] = []
+        while url and len(tags) < limit:
+            response = self._request("GET", url, {"Accept": "application/json"})
+            if response.status_code == 404:
+                raise RegistryError(f"repository {ref.repository} does not exist")
+            if response.status_code != 200:
+                raise RegistryError(f"registry answered {response.status_code} listing tags of {ref.repository}")
+            tags.extend(response.json().get("tags") or [])
+            link = response.links.get("next", {}).get("url")
+            url = requests.compat.urljoin(url, link) if link else None
+        return tags[:limit]
+
     def resolve_digest(self, ref: ImageRef) -> str:
         """The digest `ref`'s tag points to now; RegistryError if the tag does not exist."""
         if ref.digest:

@@ -57,8 +57,9 @@ def update_instance(
     _step(ledger, instance, "pull", cancel, steps.pull, ctx, instance, image)
     _step(ledger, instance, "up", cancel, steps.up, ctx, instance, ledger)
     seconds = _step(ledger, instance, "await-healthy", cancel, steps.await_healthy, ctx, instance, image_id)
-    ledger.update(instance, seconds_to_healthy=seconds)
+    ledger.update(instance, seconds_to_healthy=seconds, healthy_at=time.time())
     _step(ledger, instance, "await-lb-up", cancel, steps.await_lb_up, ctx, instance)
+    ledger.update(instance, lb_up_at=time.time())
     _step(ledger, instance, "enable", cancel, steps.enable, ctx, instance, ledger)
     ledger.update(instance, outcome="updated", step="")
 
