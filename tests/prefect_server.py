@@ -1,0 +1,85 @@
+"""A real `prefect server start` (SQLite, its own home) for tests, and process helpers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+SERVER_START_SECONDS = 120.0
+SERVER_COMMAND = [sys.executable, "-m", "prefect", "server", "start"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment without the developer's own Prefect profile, plus `extra`."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    return env | extra
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else "(no log)"
+
+
+def wait_until_up(url: str, process: subprocess.Popen[bytes], log: Path, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"{url} exited with {process.returncode} while starting:\n{tail(log)}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)  # polling a starting process: nothing to wait on but its answer
+    pytest.fail(f"{url} did not answer within {seconds:g} s:\n{tail(log)}")
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """Stop a process started with start_new_session=True, and its children."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+
+
+@contextmanager
+def prefect_server(home: Path, ui: bool = False) -> Iterator[str]:
+    """Start a Prefect server on a free port; yield its API URL; stop it."""
+    port = free_port()
+    log = home / "server.log"
+    flags = [] if ui else ["--no-ui"]
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            [*SERVER_COMMAND, "--host", "127.0.0.1", "--port", str(port), *flags, "--analytics-off"],
+            env=clean_env(
+                PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED=str(ui).lower()
+            ),
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        api = f"http://127.0.0.1:{port}/api"
+        wait_until_up(f"{api}/health", process, log, SERVER_START_SECONDS)
+        yield api
+    finally:
+        stop(process)
