@@ -1,19 +1,23 @@
-"""`rollout`: deploy, plan and status for a fleet file.
+"""`rollout`: deploy, plan, status and recover for a fleet file.
 
 rollout deploy --fleet FLEET --tag TAG      roll the fleet to TAG (exit 0), or roll back (exit 1)
 rollout plan   --fleet FLEET --tag TAG      what would change; touches nothing
 rollout status --fleet FLEET                per instance: image, container, /health, LB
+rollout recover --fleet FLEET               revert what a killed run left half-done, unlock
+rollout history --fleet FLEET               every recorded run: who, when, what, result
+rollout rollback --fleet FLEET              back to the image before the last successful deploy
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from compose_rollout import procedure
+from compose_rollout import history, procedure
 from compose_rollout.compose_file import set_image, unified_diff
 from compose_rollout.config import Fleet, Instance, load_fleet
 from compose_rollout.errors import RolloutError
@@ -41,15 +45,53 @@ def table(rows: list[dict[str, object]]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def _deploy(args: argparse.Namespace) -> int:
+def _interrupt_on_sigterm() -> None:
+    """Treat SIGTERM (a supervisor stopping us) like Ctrl-C: the flow rolls back, then exits."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _recover(args: argparse.Namespace) -> int:
+    load_fleet(args.fleet)
+    _quiet_prefect_defaults()
+    from flows.rolling_deploy import recover_fleet  # imports Prefect
+
+    _interrupt_on_sigterm()
+    print(recover_fleet(fleet_file=args.fleet))
+    return EXIT_OK
+
+
+def _history(args: argparse.Namespace) -> int:
+    print(table(history.rows(load_fleet(args.fleet))))
+    return EXIT_OK
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    args.image, args.tag = history.previous_image(load_fleet(args.fleet)), None
+    print(f"Rolling back to {args.image}")
+    return _deploy(args, triggered_by=history.ROLLBACK_TRIGGER)
+
+
+def _deploy(args: argparse.Namespace, triggered_by: str = "cli") -> int:
     # Refuse bad input at once, before paying for Prefect's start-up (the flow checks again).
-    procedure.target_image(load_fleet(args.fleet), args.tag, args.image)
+    fleet = load_fleet(args.fleet)
+    if args.tag or args.image or fleet.tag_policy is None:
+        procedure.target_image(fleet, args.tag, args.image)
     _quiet_prefect_defaults()
     from flows.rolling_deploy import rolling_deploy  # imports Prefect: only when deploying
 
+    _interrupt_on_sigterm()
     try:
         rows = rolling_deploy(
-            fleet_file=args.fleet, tag=args.tag, image=args.image, batch_size=args.batch_size, triggered_by="cli"
+            fleet_file=args.fleet,
+            tag=args.tag,
+            image=args.image,
+            batch_size=getattr(args, "batch_size", None),
+            urgent=getattr(args, "urgent", False),
+            triggered_by=triggered_by,
         )
     except RolloutError as error:
         print(f"\nFAILED: {error}", file=sys.stderr)
@@ -138,21 +180,32 @@ def parser() -> argparse.ArgumentParser:
         ("deploy", "roll the fleet to a new image, rolling back on failure"),
         ("plan", "show what a deploy would change, touching nothing"),
         ("status", "show each instance's image, container, health and LB state"),
+        ("recover", "revert what an interrupted (killed) run changed, re-enable, unlock"),
+        ("history", "every recorded run of the fleet, newest first"),
+        ("rollback", "roll the fleet back to the image it ran before its last successful deploy"),
     ):
         sub = commands.add_parser(name, help=helptext)
         sub.add_argument("--fleet", required=True, help="fleet YAML file")
         if name in ("deploy", "plan"):
-            which = sub.add_mutually_exclusive_group(required=True)
-            which.add_argument("--tag", help="tag in the fleet's image_repository")
+            which = sub.add_mutually_exclusive_group(required=name == "plan")
+            which.add_argument("--tag", help="tag in the fleet's image_repository (deploy: default by tag_policy)")
             which.add_argument("--image", help="full image reference REPO:TAG")
         if name == "deploy":
             sub.add_argument("--batch-size", help="instances at once: a count or a percentage like 25%%")
+            sub.add_argument("--urgent", action="store_true", help="deploy now even outside maintenance windows")
     return top
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    handlers = {"deploy": _deploy, "plan": _plan, "status": _status}
+    handlers = {
+        "deploy": _deploy,
+        "plan": _plan,
+        "status": _status,
+        "recover": _recover,
+        "history": _history,
+        "rollback": _rollback,
+    }
     try:
         return handlers[args.command](args)
     except RolloutError as error:

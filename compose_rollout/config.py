@@ -25,6 +25,8 @@ from pydantic_settings import (
 
 from compose_rollout.errors import ConfigError
 from compose_rollout.images import validate_repository
+from compose_rollout.tag_policy import TagPolicy
+from compose_rollout.windows import MaintenanceWindows
 
 NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 # Compose service names and HAProxy backend/server names: a conservative common subset.
@@ -94,7 +96,10 @@ class LoadBalancerSettings(_Strict):
     kind: Annotated[Literal["haproxy"], Field(description="Load balancer kind.")] = "haproxy"
     admin_address: Annotated[
         str,
-        Field(description="HAProxy stats socket with `level admin`: `tcp://HOST:PORT` or `unix:///path`."),
+        Field(
+            description="HAProxy stats socket with `level admin`: `tcp://HOST:PORT`, `unix:///path`, or "
+            "`ssh://HOST[:PORT]/path` (a unix socket on the LB host, reached over SSH with `socat`)."
+        ),
     ]
     backend: Annotated[str, Field(description="HAProxy backend holding the instances' servers.")]
     timeout_seconds: Annotated[float, Field(gt=0, le=60, description="Limit for one admin command.")] = 5.0
@@ -110,9 +115,16 @@ class LoadBalancerSettings(_Strict):
         if value.startswith("unix://"):
             _absolute_posix(value[len("unix://") :], "admin socket path")
             return value
+        if value.startswith("ssh://"):
+            match = re.fullmatch(r"ssh://([^:/]+)(?::([0-9]{1,5}))?(/.+)", value)
+            if not match or (match.group(2) and not 0 < int(match.group(2)) < 65536):
+                raise ValueError(f"admin_address must be ssh://HOST[:PORT]/path/to/socket, got {value!r}")
+            _check(HOST_RE, "admin host", match.group(1))
+            _absolute_posix(match.group(3), "admin socket path")
+            return value
         match = re.fullmatch(r"tcp://([^:/]+):([0-9]{1,5})", value)
         if not match or not 0 < int(match.group(2)) < 65536:
-            raise ValueError(f"admin_address must be tcp://HOST:PORT or unix:///path, got {value!r}")
+            raise ValueError(f"admin_address must be tcp://HOST:PORT, unix:///path or ssh://HOST/path, got {value!r}")
         _check(HOST_RE, "admin host", match.group(1))
         return value
 
@@ -158,6 +170,13 @@ class RolloutPolicy(_Strict):
         Literal["fail", "proceed"],
         Field(description="`fail`: abort and roll back; `proceed`: cut the remaining sessions and go on."),
     ] = "fail"
+    on_locked: Annotated[
+        Literal["fail", "wait"],
+        Field(description="When another run holds the fleet: `fail` at once, or `wait` for it (not in FIFO order)."),
+    ] = "fail"
+    lock_wait_seconds: Annotated[
+        float, Field(gt=0, le=86400, description="With on_locked: wait, how long to wait for the lock.")
+    ] = 3600.0
     allow_single_instance: Annotated[
         bool, Field(description="Allow a fleet of one instance (it cannot stay up during the update).")
     ] = False
@@ -302,6 +321,14 @@ class Fleet(BaseSettings):
     health: HealthSettings = HealthSettings()
     rollout: RolloutPolicy = RolloutPolicy()
     registry: RegistrySettings = RegistrySettings()
+    tag_policy: Annotated[
+        TagPolicy | None,
+        Field(description="How a run given no tag (a schedule, say) picks one from the registry, e.g. >=1.4,<2."),
+    ] = None
+    maintenance_windows: Annotated[
+        MaintenanceWindows,
+        Field(description="When rollouts may run (cron start, duration, time zone); empty: any time."),
+    ] = []
     state_directory: Annotated[Path, Field(description="Where run journals are kept on the orchestrator.")] = Path(
         "~/.local/state/compose-rollout"
     )

@@ -10,9 +10,9 @@ import csv
 import io
 import socket
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, Protocol
 
-from compose_rollout.errors import LoadBalancerError
+from compose_rollout.errors import LoadBalancerError, RolloutError
 
 AdminState = Literal["ready", "drain", "maint"]
 
@@ -104,13 +104,28 @@ def parse_servers_state(text: str, backend: str) -> dict[str, tuple[int, int]]:
     return states
 
 
-class HaproxyClient:
-    """HAProxy's admin socket at `tcp://HOST:PORT` or `unix:///path`."""
+class RemoteRunner(Protocol):
+    """What the SSH route needs from a host (remote.SshHost is one)."""
 
-    def __init__(self, address: str, backend: str, timeout: float) -> None:
+    def run(self, argv: list[str], timeout: float, check: bool = True, stdin: bytes = b"") -> Any: ...
+
+
+def socat_argv(socket_path: str, timeout: float) -> list[str]:
+    """Talk to a unix socket on the LB host: stdin to the socket, the answer to stdout."""
+    return ["socat", f"-t{max(1, round(timeout))}", "-", f"UNIX-CONNECT:{socket_path}"]
+
+
+class HaproxyClient:
+    """HAProxy's admin socket at `tcp://HOST:PORT`, `unix:///path`, or a unix socket on
+    the LB host reached over SSH (`ssh://HOST[:PORT]/path`, given its `host` executor)."""
+
+    def __init__(self, address: str, backend: str, timeout: float, host: RemoteRunner | None = None) -> None:
         self.address = address
         self.backend = backend
         self.timeout = timeout
+        self.host = host
+        if address.startswith("ssh://") and host is None:
+            raise LoadBalancerError(f"{address}: an SSH address needs the LB host's connection")
 
     def _open(self) -> socket.socket:
         if self.address.startswith("unix://"):
@@ -130,6 +145,15 @@ class HaproxyClient:
 
     def command(self, text: str) -> str:
         """Send one command; return HAProxy's answer."""
+        if self.host is not None:
+            path = "/" + self.address[len("ssh://") :].split("/", 1)[1]
+            try:
+                result = self.host.run(
+                    socat_argv(path, self.timeout), timeout=self.timeout + 5, stdin=text.encode() + b"\n"
+                )
+            except RolloutError as error:
+                raise LoadBalancerError(f"HAProxy admin socket {self.address} unreachable: {error}") from None
+            return str(result.stdout)
         with self._open() as sock:
             try:
                 sock.sendall(text.encode() + b"\n")

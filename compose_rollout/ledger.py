@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 Outcome = Literal["pending", "unchanged", "updated", "failed", "rolled back", "rollback failed"]
+# A run without a status was interrupted (killed) and must be recovered.
+RunStatus = Literal["succeeded", "rolled back", "needs attention", "recovered", "refused", "stopped"]
 
 
 @dataclass
@@ -70,6 +72,10 @@ class Ledger:
     target: str
     journal: Path | None = None
     started_at: float = field(default_factory=time.time)
+    triggered_by: str = ""
+    user: str = ""
+    status: RunStatus | None = None
+    finished_at: float | None = None
     records: dict[str, InstanceRecord] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -87,6 +93,11 @@ class Ledger:
         self.save()
         return record
 
+    def finish(self, status: RunStatus) -> None:
+        """Mark the run as ended (a journal without a status is an interrupted run)."""
+        self.status, self.finished_at = status, time.time()
+        self.save()
+
     def __getitem__(self, name: str) -> InstanceRecord:
         return self.records[name]
 
@@ -101,6 +112,10 @@ class Ledger:
             "run_id": self.run_id,
             "target": self.target,
             "started_at": self.started_at,
+            "triggered_by": self.triggered_by,
+            "user": self.user,
+            "status": self.status,
+            "finished_at": self.finished_at,
             "records": records,
         }
 
@@ -122,7 +137,17 @@ class Ledger:
     def load(cls, journal: Path) -> Ledger:
         """Read a journal left by an earlier run."""
         data = json.loads(journal.read_text())
-        ledger = cls(data["fleet"], data["run_id"], data["target"], journal, data["started_at"])
+        ledger = cls(
+            data["fleet"],
+            data["run_id"],
+            data["target"],
+            journal,
+            data["started_at"],
+            data.get("triggered_by", ""),
+            data.get("user", ""),
+            data.get("status"),
+            data.get("finished_at"),
+        )
         for item in data["records"]:
             item["original"] = base64.b64decode(item["original"])
             ledger.records[item["name"]] = InstanceRecord(**item)

@@ -73,6 +73,7 @@ class Context:
     clock: Clock = field(default_factory=SystemClock)
     probe: HealthProbe = http_health
     compose_versions: dict[str, ComposeVersion] = field(default_factory=dict)
+    lb_host: Executor | None = None
 
     @classmethod
     def connect(cls, fleet: Fleet) -> Context:
@@ -90,14 +91,29 @@ class Context:
             )
             for instance in fleet.instances
         }
-        lb = HaproxyClient(
-            fleet.load_balancer.admin_address, fleet.load_balancer.backend, fleet.load_balancer.timeout_seconds
-        )
-        return cls(fleet=fleet, hosts=hosts, lb=lb)
+        address = fleet.load_balancer.admin_address
+        lb_host = None
+        if address.startswith("ssh://"):
+            netloc = address[len("ssh://") :].split("/", 1)[0]
+            hostname, _, port = netloc.partition(":")
+            lb_host = SshHost(
+                name=f"lb {hostname}",
+                hostname=hostname,
+                port=int(port or fleet.ssh.port),
+                user=fleet.ssh.user,
+                key_file=fleet.ssh.key_file,
+                known_hosts_file=fleet.ssh.known_hosts_file,
+                connect_timeout=fleet.ssh.connect_timeout_seconds,
+                key_passphrase=fleet.ssh.key_passphrase,
+            )
+        lb = HaproxyClient(address, fleet.load_balancer.backend, fleet.load_balancer.timeout_seconds, lb_host)
+        return cls(fleet=fleet, hosts=hosts, lb=lb, lb_host=lb_host)
 
     def close(self) -> None:
         for host in self.hosts.values():
             host.close()
+        if self.lb_host is not None:
+            self.lb_host.close()
 
     def run(self, instance: Instance, argv: list[str], timeout: float | None = None) -> str:
         """Run argv on the instance's host; its stdout."""

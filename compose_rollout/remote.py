@@ -11,6 +11,7 @@ from __future__ import annotations
 import posixpath
 import select
 import shlex
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ class Executor(Protocol):
 
     name: str
 
-    def run(self, argv: list[str], timeout: float, check: bool = True) -> Result: ...
+    def run(self, argv: list[str], timeout: float, check: bool = True, stdin: bytes = b"") -> Result: ...
 
     def read_file(self, path: str) -> bytes: ...
 
@@ -55,6 +56,10 @@ class Executor(Protocol):
     def write_file_atomic(self, path: str, data: bytes, mode: int) -> None: ...
 
     def remove_file(self, path: str) -> None: ...
+
+    def make_directory(self, path: str) -> bool: ...
+
+    def remove_directory(self, path: str) -> None: ...
 
     def close(self) -> None: ...
 
@@ -151,13 +156,16 @@ class SshHost:
             raise ConnectError(f"{where}: cannot connect: {error or type(error).__name__}") from None
         return client
 
-    def run(self, argv: list[str], timeout: float, check: bool = True) -> Result:
-        """Run `argv` on the host; raise CommandFailed (if `check`) or CommandTimeout."""
+    def run(self, argv: list[str], timeout: float, check: bool = True, stdin: bytes = b"") -> Result:
+        """Run `argv` on the host (feeding it `stdin`); raise CommandFailed (if `check`) or CommandTimeout."""
         command = shlex.join(argv)
         client = self._connected()
         try:
             channel = client.get_transport().open_session(timeout=self.connect_timeout)  # type: ignore[union-attr]
             channel.exec_command(command)
+            if stdin:
+                channel.sendall(stdin)
+            channel.shutdown_write()
         except (OSError, paramiko.SSHException) as error:
             self.close()
             raise ConnectError(f"{self.name}: lost the connection starting `{command}`: {error}") from None
@@ -245,6 +253,29 @@ class SshHost:
         """Remove a remote file if it exists."""
         try:
             self._sftp_client().remove(path)
+        except FileNotFoundError:
+            pass
+        except (OSError, paramiko.SSHException) as error:
+            raise RemoteError(f"{self.name}: cannot remove {path}: {error}") from None
+
+    def make_directory(self, path: str) -> bool:
+        """Create a directory; False if it already exists. Atomic on the host, so it is a lock."""
+        sftp = self._sftp_client()
+        try:
+            sftp.mkdir(path, mode=0o700)
+            return True
+        except OSError as error:
+            try:
+                if stat.S_ISDIR(sftp.stat(path).st_mode or 0):
+                    return False
+            except OSError:
+                pass
+            raise RemoteError(f"{self.name}: cannot create {path}: {error}") from None
+
+    def remove_directory(self, path: str) -> None:
+        """Remove an empty directory if it exists."""
+        try:
+            self._sftp_client().rmdir(path)
         except FileNotFoundError:
             pass
         except (OSError, paramiko.SSHException) as error:

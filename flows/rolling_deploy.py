@@ -12,27 +12,45 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.deployments import run_deployment
 from prefect.futures import PrefectFuture
+from prefect.runtime import deployment as deployment_runtime
 from prefect.runtime import flow_run
 
-from compose_rollout import procedure
+from compose_rollout import lock, procedure, windows
 from compose_rollout.config import Fleet, load_fleet
-from compose_rollout.errors import DeployFailed, PreflightError, RegistryError, RolloutError, StepFailed
+from compose_rollout.errors import (
+    ConfigError,
+    ConnectError,
+    DeployFailed,
+    HostKeyError,
+    PreflightError,
+    RegistryError,
+    RolloutError,
+    StepFailed,
+)
 from compose_rollout.images import ImageRef
 from compose_rollout.ledger import InstanceRecord, Ledger
 from compose_rollout.procedure import Context
 from compose_rollout.registry import RegistryClient
+from compose_rollout.tag_policy import resolve_tag
 from tasks import steps
 
 
 class Cancelled(RolloutError):
     """The run was interrupted; instances stop at the next step boundary."""
+
+
+class WindowClosed(RolloutError):
+    """The maintenance window closed between two batches: stop, without rolling back."""
 
 
 def _step(ledger: Ledger, instance: str, name: str, cancel: threading.Event, call: Any, *args: Any) -> Any:
@@ -131,13 +149,23 @@ def _preflight(ctx: Context, target: ImageRef) -> tuple[ImageRef, dict[str, proc
     return pinned, snapshots, image_ids.pop()
 
 
-def _rollback(ctx: Context, ledger: Ledger, order: list[str]) -> tuple[list[str], str]:
-    """Roll back instances one at a time; stop at the first that fails.
+def _unreachable(error: BaseException) -> bool:
+    cause = error.cause if isinstance(error, StepFailed) else error
+    return isinstance(cause, (ConnectError, HostKeyError))
 
-    Returns the instances rolled back, in order, and a note for a person ("" if none needed).
+
+def _rollback(ctx: Context, ledger: Ledger, order: list[str]) -> tuple[list[str], str]:
+    """Roll back instances one at a time, in `order`.
+
+    An instance whose host cannot be reached is left for a person (the safety net still
+    re-enables it in the LB, where its own health check decides) and the others are
+    rolled back. Any other rollback failure (the old version does not come back healthy)
+    stops the rollback there, so the instances still on the new version keep serving.
+    Returns the instances rolled back, in order, and a note for a person ("" if none).
     """
     logger = get_run_logger()
     rolled: list[str] = []
+    unreachable: list[str] = []
     for name in order:
         record = ledger[name]
         if not (record.changed or record.drained) or record.rollback_attempted:
@@ -148,12 +176,21 @@ def _rollback(ctx: Context, ledger: Ledger, order: list[str]) -> tuple[list[str]
             rolled.append(name)
         except Exception as error:  # noqa: BLE001 - reported to the person, with the instance
             ledger.update(name, outcome="rollback failed", error=str(error))
+            if _unreachable(error):
+                unreachable.append(f"{name} ({error})")
+                continue
             untouched = [other for other in order if other != name and ledger[other].outcome == "updated"]
             still = f"; not rolled back, still on the new image: {', '.join(untouched)}" if untouched else ""
             return rolled, (
                 f"ROLLBACK FAILED on {name} ({error}). Stopped rolling back so the others keep serving{still}. "
                 f"A person must check {name}: its original compose file is in the journal {ledger.journal}."
             )
+    if unreachable:
+        return rolled, (
+            f"COULD NOT REACH {'; '.join(unreachable)} to roll it back: it is back in rotation in the LB, where "
+            f"its own health check decides. A person must check it; its original compose file is in the journal "
+            f"{ledger.journal}."
+        )
     return rolled, ""
 
 
@@ -177,16 +214,16 @@ def _report(ledger: Ledger) -> list[dict[str, Any]]:
     return rows
 
 
-def _summary(fleet: Fleet, ledger: Ledger, failure: BaseException, rolled: list[str], rollback_note: str) -> str:
+def _summary(
+    fleet: Fleet, ledger: Ledger, failure: BaseException, rolled: list[str], rollback_note: str, touched: bool
+) -> str:
     if isinstance(failure, StepFailed):
         what = f"failed on instance {failure.instance} at step {failure.step}: {failure.cause}"
     else:
         what = f"failed: {failure or type(failure).__name__}"
-    if isinstance(failure, (PreflightError, DeployFailed)) or not any(
-        record.changed or record.drained for record in ledger.records.values()
-    ):
+    if isinstance(failure, (PreflightError, DeployFailed)) or not touched:
         return f"Rollout of fleet {fleet.name} to {ledger.target} refused before any instance was touched: {failure}"
-    back = f" Rolled back {', '.join(rolled)}." if rolled else " No instance had been changed."
+    back = f" Rolled back {', '.join(rolled)}." if rolled else " No instance had been changed; drained ones are back."
     if rollback_note:
         return f"Rollout of fleet {fleet.name} to {ledger.target} {what}.{back} {rollback_note}"
     return (
@@ -209,30 +246,142 @@ def batches(names: list[str], size: int, canary: bool) -> list[list[str]]:
     return head + [rest[i : i + size] for i in range(0, len(rest), size)]
 
 
+def _journal(fleet: Fleet, run_id: str) -> Path:
+    return Path(fleet.state_directory).expanduser() / fleet.name / "runs" / f"{run_id}.json"
+
+
+def _abandoned(fleet: Fleet) -> Callable[[lock.Holder], bool]:
+    """Whether a lock holder can be taken over: its process died on this machine, or its
+    run ended and left the lock on purpose (it needed a person)."""
+
+    def check(holder: lock.Holder) -> bool:
+        journal = _journal(fleet, holder.run_id)
+        ended = journal.is_file() and Ledger.load(journal).status is not None
+        return ended or holder.is_dead_local_process()
+
+    return check
+
+
+def _recover_run(ctx: Context, run_id: str) -> None:
+    """Revert what an interrupted run changed, from its journal; DeployFailed if a person must look."""
+    logger = get_run_logger()
+    journal = _journal(ctx.fleet, run_id)
+    if not journal.is_file():
+        raise PreflightError(
+            f"fleet {ctx.fleet.name} was left locked by run {run_id}, whose journal {journal} is not on this "
+            "machine: recover on the machine that ran it, or check the fleet and remove the lock by hand"
+        )
+    old = Ledger.load(journal)
+    if old.status in ("succeeded", "rolled back", "recovered", "refused", "stopped"):
+        return
+    logger.warning("run %s (to %s) did not finish; reverting what it changed first", run_id, old.target)
+    for record in old.records.values():
+        old.records[record.name].rollback_attempted = False
+    order = sorted(
+        (r.name for r in old.records.values() if r.changed or r.drained),
+        key=lambda name: old[name].drained_at or 0.0,
+        reverse=True,
+    )
+    rolled, note = _rollback(ctx, old, order)
+    problems = procedure.release_all(ctx, old)
+    if note or problems:
+        old.finish("needs attention")
+        raise DeployFailed(f"recovery of run {run_id} on fleet {ctx.fleet.name}: {note or '; '.join(problems)}")
+    old.finish("recovered")
+    logger.info("recovered run %s: rolled back %s", run_id, ", ".join(rolled) or "nothing (nothing was changed)")
+
+
+def _deploy(
+    ctx: Context, ledger: Ledger, target: ImageRef, cancel: threading.Event, order: list[str], urgent: bool
+) -> None:
+    """Preflight, pre-pull, then the batches; raises on the first failed instance, or
+    WindowClosed when the maintenance window closes between two batches."""
+    fleet = ctx.fleet
+    logger = get_run_logger()
+    pinned, snapshots, image_id = _preflight(ctx, target)
+    ledger.target = str(pinned)
+    for name, found in snapshots.items():
+        ledger.add(
+            InstanceRecord(
+                name=name,
+                compose_path=found.instance.compose_path,
+                old_image=found.image,
+                old_image_id=found.container.image_id,
+                original=found.compose,
+                mode=found.mode,
+            )
+        )
+    pending = [
+        name for name, found in snapshots.items() if found.image != str(pinned) or found.container.image_id != image_id
+    ]
+    for name in snapshots:
+        if name not in pending:
+            ledger.update(name, outcome="unchanged")
+    plan = batches(pending, fleet.rollout.batch_count(len(fleet.instances)), fleet.rollout.canary)
+    for number, batch in enumerate(plan, start=1):
+        if number > 1 and fleet.rollout.pause_between_batches_seconds:
+            time.sleep(fleet.rollout.pause_between_batches_seconds)
+        if not urgent and not windows.window_open(fleet.maintenance_windows, datetime.now(UTC)):
+            following = windows.next_window_start(fleet.maintenance_windows, datetime.now(UTC))
+            raise WindowClosed(
+                f"the maintenance window closed before batch {number}/{len(plan)}: {len(order)} of "
+                f"{len(pending)} instances moved, the others untouched, every instance serving. "
+                f"Run again in the next window (starts {following:%Y-%m-%d %H:%M} UTC) to finish."
+            )
+        logger.info("batch %d/%d: %s", number, len(plan), ", ".join(batch))
+        order.extend(batch)
+        futures = {name: update_instance.submit(ctx, name, ledger, str(pinned), image_id, cancel) for name in batch}
+        errors = _wait_all(futures, cancel)
+        if errors:
+            failed, error = next(iter(errors.items()))
+            for name, other in errors.items():
+                ledger.update(name, outcome="failed", error=str(other))
+            raise error if isinstance(error, StepFailed) else StepFailed(failed, ledger[failed].step, error)
+
+
 @flow(name="rolling-deploy", validate_parameters=True)
 def rolling_deploy(
     fleet_file: str,
     tag: str | None = None,
     image: str | None = None,
     batch_size: int | str | None = None,
+    urgent: bool = False,
     triggered_by: str = "python",
 ) -> list[dict[str, Any]]:
     """Move every instance of the fleet to `tag` (or `image`), rolling back on failure.
 
     Args:
         fleet_file: Path of the fleet YAML file on the machine running the flow.
-        tag: Image tag to deploy, in the fleet's image_repository.
+        tag: Image tag to deploy, in the fleet's image_repository. Empty: chosen by the
+            fleet's tag_policy from the registry (e.g. the highest 1.x).
         image: A full image reference instead of a tag (e.g. to switch repository).
         batch_size: Overrides rollout.batch_size: a count or a percentage like "25%".
+        urgent: Deploy now even outside the fleet's maintenance windows.
         triggered_by: Who or what started the run, for the record.
     """
     logger = get_run_logger()
     overrides: dict[str, Any] = {"rollout": {"batch_size": batch_size}} if batch_size is not None else {}
     fleet = load_fleet(fleet_file, **overrides)
+    if not tag and not image:
+        if fleet.tag_policy is None:
+            raise ConfigError("give a tag or an image (or set tag_policy in the fleet file to choose one)")
+        with RegistryClient(fleet.registry) as registry:
+            tag = resolve_tag(registry, fleet.image_repository, fleet.tag_policy)
+        logger.info("tag policy %s chose %s", fleet.tag_policy.version_range, tag)
     target = procedure.target_image(fleet, tag, image)
+    when = windows.scheduled_start(fleet.maintenance_windows, datetime.now(UTC), urgent=urgent)
+    if when is not None:
+        return _outside_window(fleet, when, fleet_file, tag if image is None else None, image, batch_size, triggered_by)
     run_id = str(flow_run.get_id() or f"local-{int(time.time())}")
-    journal = Path(fleet.state_directory).expanduser() / fleet.name / "runs" / f"{run_id}.json"
-    ledger = Ledger(fleet.name, run_id, str(target), journal)
+    holder = lock.me(run_id, str(target))
+    ledger = Ledger(
+        fleet.name,
+        run_id,
+        str(target),
+        _journal(fleet, run_id),
+        triggered_by=triggered_by,
+        user=f"{holder.user}@{holder.hostname}",
+    )
     logger.info(
         "rolling out %s to fleet %s (%d instances), started by %s",
         target,
@@ -241,56 +390,49 @@ def rolling_deploy(
         triggered_by,
     )
     ctx = Context.connect(fleet)
+    try:
+        stale = lock.acquire(ctx, holder, take_over=_abandoned(fleet))
+    except BaseException:
+        ctx.close()
+        raise
+    if stale is not None:
+        try:
+            _recover_run(ctx, stale.run_id)
+        except BaseException:
+            ctx.close()  # the lock stays: the fleet needs a person before any new run
+            raise
     cancel = threading.Event()
     order: list[str] = []
     try:
-        pinned, snapshots, image_id = _preflight(ctx, target)
-        ledger.target = str(pinned)
-        for name, found in snapshots.items():
-            ledger.add(
-                InstanceRecord(
-                    name=name,
-                    compose_path=found.instance.compose_path,
-                    old_image=found.image,
-                    old_image_id=found.container.image_id,
-                    original=found.compose,
-                    mode=found.mode,
-                )
-            )
-        pending = [
-            name
-            for name, found in snapshots.items()
-            if found.image != str(pinned) or found.container.image_id != image_id
-        ]
-        for name in snapshots:
-            if name not in pending:
-                ledger.update(name, outcome="unchanged")
-        plan = batches(pending, fleet.rollout.batch_count(len(fleet.instances)), fleet.rollout.canary)
-        for number, batch in enumerate(plan, start=1):
-            if number > 1 and fleet.rollout.pause_between_batches_seconds:
-                time.sleep(fleet.rollout.pause_between_batches_seconds)
-            logger.info("batch %d/%d: %s", number, len(plan), ", ".join(batch))
-            order.extend(batch)
-            futures = {name: update_instance.submit(ctx, name, ledger, str(pinned), image_id, cancel) for name in batch}
-            errors = _wait_all(futures, cancel)
-            if errors:
-                failed, error = next(iter(errors.items()))
-                for name, other in errors.items():
-                    ledger.update(name, outcome="failed", error=str(other))
-                raise error if isinstance(error, StepFailed) else StepFailed(failed, ledger[failed].step, error)
+        _deploy(ctx, ledger, target, cancel, order, urgent)
+    except WindowClosed as closed:
+        summary = f"Rollout of fleet {fleet.name} to {ledger.target} stopped: {closed}"
+        logger.warning(summary)
+        _publish(fleet, ledger, summary)
+        ledger.finish("stopped")
+        raise DeployFailed(summary) from None
     except BaseException as failure:
+        # Measured before the rollback, which re-enables what was drained.
+        touched = any(record.changed or record.drained for record in ledger.records.values())
         failed_names = [name for name in order if ledger[name].outcome == "failed"]
         rolled, note = _rollback(ctx, ledger, failed_names + [n for n in reversed(order) if n not in failed_names])
-        summary = _summary(fleet, ledger, failure, rolled, note)
+        summary = _summary(fleet, ledger, failure, rolled, note, touched)
         logger.error(summary)
         _publish(fleet, ledger, summary)
+        ledger.finish("needs attention" if note else "rolled back" if touched else "refused")
         if isinstance(failure, Exception):
             raise DeployFailed(summary) from failure
         raise
     finally:
-        for problem in procedure.release_all(ctx, ledger):
+        problems = procedure.release_all(ctx, ledger)
+        for problem in problems:
             logger.error(problem)
-        ledger.save()
+        if problems and ledger.status != "needs attention":
+            ledger.finish("needs attention")
+        if ledger.status is None:
+            ledger.finish("succeeded")
+        if ledger.status != "needs attention":  # a fleet that needs a person stays locked
+            lock.release(ctx, holder)
         ctx.close()
     moved = [r.name for r in ledger.records.values() if r.outcome == "updated"]
     summary = (
@@ -300,3 +442,58 @@ def rolling_deploy(
     logger.info(summary)
     _publish(fleet, ledger, summary)
     return _report(ledger)
+
+
+def _outside_window(
+    fleet: Fleet,
+    when: datetime,
+    fleet_file: str,
+    tag: str | None,
+    image: str | None,
+    batch_size: int | str | None,
+    triggered_by: str,
+) -> list[dict[str, Any]]:
+    """Outside every maintenance window: a deployment's run re-schedules itself for the
+    next window start; a direct call (CLI, Python) is refused with that time."""
+    deployment = deployment_runtime.get_id()
+    if deployment is None:
+        raise RolloutError(
+            f"fleet {fleet.name} is outside its maintenance windows; the next one starts "
+            f"{when:%Y-%m-%d %H:%M} UTC. Deploy then, or now with urgent (--urgent)."
+        )
+    parameters = {"fleet_file": fleet_file, "tag": tag, "image": image, "batch_size": batch_size}
+    scheduled = run_deployment(
+        name=deployment,
+        parameters={**parameters, "triggered_by": f"{triggered_by} (re-scheduled to a window)"},
+        scheduled_time=when,
+        timeout=0,
+        as_subflow=False,
+    )
+    run_id = getattr(scheduled, "id", "?")  # a sync call returns the FlowRun (typed as maybe-coroutine)
+    get_run_logger().info("outside the maintenance windows: scheduled run %s for %s", run_id, when)
+    return []
+
+
+@flow(name="recover-fleet", validate_parameters=True)
+def recover_fleet(fleet_file: str) -> str:
+    """Finish what an interrupted (killed) run left: revert the instances it changed, put
+    every server it drained back in rotation, release the fleet's lock.
+
+    Args:
+        fleet_file: Path of the fleet YAML file on the machine that ran the interrupted run.
+    """
+    fleet = load_fleet(fleet_file)
+    ctx = Context.connect(fleet)
+    holder = lock.me(f"recover-{int(time.time())}", "recovery")
+    try:
+        stale = lock.acquire(ctx, holder, take_over=_abandoned(fleet))
+        if stale is None:
+            lock.release(ctx, holder)
+            return f"fleet {fleet.name} was not left locked by an interrupted run; nothing to recover"
+        _recover_run(ctx, stale.run_id)  # on failure the lock stays: the fleet needs a person
+        lock.release(ctx, holder)
+    finally:
+        ctx.close()
+    message = f"fleet {fleet.name}: run {stale.run_id} recovered; its instances are back on their previous image"
+    get_run_logger().info(message)
+    return message

@@ -179,28 +179,17 @@ def tail(path: Path, lines: int = 20) -> str:
 
 def http_status(url: str, timeout: float = 2.0) -> int | None:
     """GET ``url`` on a loopback address and return the status, or None when
-    no HTTP answer came. http.client is used on purpose: it never consults
-    proxy environment variables, which a CI machine may set."""
-    parts = urlsplit(url)
-    if parts.hostname is None:
-        raise ValueError(f"no host in {url!r}")
-    connection = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
+    no HTTP answer came."""
     try:
-        path = parts.path or "/"
-        if parts.query:
-            path += "?" + parts.query
-        connection.request("GET", path)
-        response = connection.getresponse()
-        response.read()
-        return response.status
+        return http_get(url, timeout)[0]
     except OSError:
         return None
-    finally:
-        connection.close()
 
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
-    """GET ``url`` (loopback, no proxies) and return (status, body text)."""
+    """GET ``url`` (loopback) and return (status, body text). http.client is used
+    on purpose: it never consults proxy environment variables, which a CI machine
+    may set."""
     parts = urlsplit(url)
     if parts.hostname is None:
         raise ValueError(f"no host in {url!r}")

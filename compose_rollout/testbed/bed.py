@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -107,6 +108,7 @@ class Testbed:
         self.lb_port = lb_port
         self.lb_admin_port = lb_admin_port
         self.registry_notify_url = registry_notify_url
+        self._registry_notify_headers: dict[str, list[str]] | None = None
         self.keep_workdir = keep_workdir
         self.die_with_parent = die_with_parent
         self.docker = docker
@@ -426,6 +428,7 @@ class Testbed:
                     port=self.registry_port,
                     storage=self.workdir / "registry" / "storage",
                     notify_url=self.registry_notify_url,
+                    notify_headers=self._registry_notify_headers,
                 )
             )
             self._registry = Daemon(
@@ -441,6 +444,14 @@ class Testbed:
             what="the registry's /v2/ to answer 200",
             abort=self._registry.exit_reason,
         )
+
+    def notify_registry_pushes(self, url: str | None, headers: dict[str, list[str]] | None = None) -> None:
+        """Make the registry POST its push notifications to `url` (None: stop), with
+        `headers` (e.g. an Authorization secret); restarts the registry."""
+        self.stop_registry()
+        self.registry_notify_url, self._registry_notify_headers = url, headers
+        self._registry = None  # start_registry writes the new config
+        self.start_registry()
 
     def stop_registry(self) -> None:
         """Stop the registry process (a real registry outage)."""
@@ -544,6 +555,28 @@ class Testbed:
             timeout=10,
             what=f"sshd of {name} to stop listening",
         )
+
+    def cut_host(self, name: str) -> None:
+        """The host drops off the network: its sshd stops listening and every SSH
+        session already open to it is killed (the orchestrator's connection included)."""
+        daemon = self._sshd.get(name)
+        listener = daemon.process.pid if daemon is not None and daemon.process is not None else None
+        sessions = []
+        if listener is not None:
+            # sshd forks one process per connection (and one more per privilege-separated child).
+            for stat_file in Path("/proc").glob("[0-9]*/stat"):
+                try:
+                    fields = stat_file.read_text().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                if int(fields[1]) == listener:
+                    sessions.append(int(stat_file.parent.name))
+        self.stop_sshd(name)
+        for pid in sessions:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def ssh_logins(self, name: str) -> int:
         """How many SSH logins the instance's sshd has accepted so far (from its own log)."""
@@ -726,6 +759,11 @@ class Testbed:
 
         needs_up: set[str] = set()
         for instance in self.instances:
+            # What a rollout may leave beside a compose file: its lock, an interrupted temp file.
+            for stray in instance.project_directory.glob(".compose-rollout-*"):
+                shutil.rmtree(stray) if stray.is_dir() else stray.unlink()
+            for stray in instance.project_directory.glob(".*.rollout-tmp"):
+                stray.unlink()
             text = self._initial_compose_text[instance.name]
             try:
                 unchanged = instance.compose_file.read_text() == text

@@ -9,7 +9,9 @@ from typing import Any
 import yaml
 
 
-def render_config(*, port: int, storage: Path, notify_url: str | None = None) -> str:
+def render_config(
+    *, port: int, storage: Path, notify_url: str | None = None, notify_headers: dict[str, list[str]] | None = None
+) -> str:
     """The registry's config.yml: plain HTTP on loopback, filesystem storage,
     no auth, deletes enabled, and optionally one notification endpoint."""
     config: dict[str, Any] = {
@@ -33,6 +35,7 @@ def render_config(*, port: int, storage: Path, notify_url: str | None = None) ->
                     "timeout": "2s",
                     "threshold": 3,
                     "backoff": "1s",
+                    "headers": notify_headers or {},
                 }
             ]
         }

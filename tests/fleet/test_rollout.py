@@ -169,3 +169,46 @@ def test_cli_deploy_exits_0_on_success_and_1_with_a_summary_after_rollback(
         "app-2": True,
         "app-3": True,
     }
+
+
+@pytest.mark.timeout(300)
+def test_history_records_runs_and_rollback_returns_to_the_previous_image_once(
+    fresh_fleet: Testbed, tmp_path: Path
+) -> None:
+    bed = fresh_fleet
+    before = observe(bed)
+    fleet = fleet_file(bed, tmp_path)
+    rolling_deploy(fleet_file=fleet, tag="v2", triggered_by="test")
+    cli = [sys.executable, "-m", "compose_rollout.cli"]
+
+    back = subprocess.run([*cli, "rollback", "--fleet", fleet], capture_output=True, text=True, timeout=240)
+    assert back.returncode == 0, back.stderr[-3000:]
+    assert f"Rolling back to {bed.image_repository}:v1" in back.stdout
+    after = observe(bed)
+    assert after.images == before.images  # back on v1, now pinned like any deploy:
+    assert all(f"{bed.image_repository}:v1@sha256:".encode() in text for text in after.compose.values())
+
+    again = subprocess.run([*cli, "rollback", "--fleet", fleet], capture_output=True, text=True, timeout=240)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("unchanged") == 3  # a rollback is never rolled back
+
+    shown = subprocess.run([*cli, "history", "--fleet", fleet], capture_output=True, text=True, timeout=60)
+    lines = shown.stdout.splitlines()
+    assert len(lines) == 1 + 3  # header and three runs, newest first
+    assert "via rollback" in lines[1] and "3 unchanged" in lines[1]
+    assert "via rollback" in lines[2] and "3 updated" in lines[2] and ":v1" in lines[2]
+    assert "via test" in lines[3] and "succeeded" in lines[3] and ":v2@sha256:" in lines[3]
+
+
+@pytest.mark.timeout(300)
+def test_the_lb_admin_socket_can_be_a_unix_socket_reached_over_ssh(fresh_fleet: Testbed, tmp_path: Path) -> None:
+    bed = fresh_fleet
+    # HAProxy's unix stats socket, never on a network: reached through an SSH host + socat.
+    address = f"ssh://127.0.1.2:2222{bed.lb_admin_unix_socket}"
+    fleet = fleet_file(bed, tmp_path, load_balancer={"admin_address": address})
+    rows, failure, seen = deploy_under_traffic(bed, fleet, "v2")
+    assert failure == "" and rows is not None
+    assert [row["result"] for row in rows] == ["updated"] * 3
+    assert all(float(str(row["seconds out of rotation"])) > 0 for row in rows)  # it really drained
+    assert set(observe(bed).lb.values()) == {"UP"}
+    assert seen.failed == 0, seen.failures

@@ -46,11 +46,12 @@ class FakeHost:
         self.handlers: list[tuple[list[str], Handler]] = []
         self.commands: list[list[str]] = []
         self.fail_writes = False
+        self.directories: set[str] = set()
 
     def on(self, prefix: list[str], handler: Handler) -> None:
         self.handlers.append((prefix, handler))
 
-    def run(self, argv: list[str], timeout: float, check: bool = True) -> Result:
+    def run(self, argv: list[str], timeout: float, check: bool = True, stdin: bytes = b"") -> Result:
         assert timeout > 0
         self.commands.append(argv)
         for prefix, handler in reversed(self.handlers):
@@ -63,6 +64,10 @@ class FakeHost:
         raise AssertionError(f"unexpected command on {self.name}: {argv}")
 
     def read_file(self, path: str) -> bytes:
+        if path not in self.files:
+            from compose_rollout.errors import RemoteError
+
+            raise RemoteError(f"{self.name}: {path} does not exist")
         return self.files[path]
 
     def file_mode(self, path: str) -> int:
@@ -78,6 +83,15 @@ class FakeHost:
 
     def remove_file(self, path: str) -> None:
         self.files.pop(path, None)
+
+    def make_directory(self, path: str) -> bool:
+        if path in self.directories:
+            return False
+        self.directories.add(path)
+        return True
+
+    def remove_directory(self, path: str) -> None:
+        self.directories.discard(path)
 
     def close(self) -> None:
         pass

@@ -1,0 +1,70 @@
+"""A fleet's history, read from the run journals kept on the orchestrator.
+
+Each run leaves `state_directory/<fleet>/runs/<run>.json` (who started it, from which
+trigger, the target pinned to its digest, and per instance the old and new image,
+timings and result), so the journals are the audit trail; nothing else is written.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from compose_rollout.config import Fleet
+from compose_rollout.errors import RolloutError
+from compose_rollout.ledger import Ledger
+
+ROLLBACK_TRIGGER = "rollback"
+
+
+def runs_directory(fleet: Fleet) -> Path:
+    return Path(fleet.state_directory).expanduser() / fleet.name / "runs"
+
+
+def runs(fleet: Fleet) -> list[Ledger]:
+    """Every recorded run of the fleet, oldest first (unreadable journals are skipped)."""
+    found = []
+    for journal in runs_directory(fleet).glob("*.json"):
+        try:
+            found.append(Ledger.load(journal))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return sorted(found, key=lambda ledger: ledger.started_at)
+
+
+def rows(fleet: Fleet) -> list[dict[str, object]]:
+    """One row per run, newest first, for `rollout history`."""
+    table = []
+    for ledger in reversed(runs(fleet)):
+        results: dict[str, int] = {}
+        for record in ledger.records.values():
+            results[record.outcome] = results.get(record.outcome, 0) + 1
+        table.append(
+            {
+                "started (UTC)": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ledger.started_at)),
+                "run": ledger.run_id[:12],
+                "by": f"{ledger.user} via {ledger.triggered_by}" if ledger.user else ledger.triggered_by,
+                "target": ledger.target,
+                "status": ledger.status or "INTERRUPTED",
+                "instances": ", ".join(f"{count} {outcome}" for outcome, count in sorted(results.items())),
+                "seconds": round((ledger.finished_at or ledger.started_at) - ledger.started_at, 1),
+            }
+        )
+    return table
+
+
+def previous_image(fleet: Fleet) -> str:
+    """The image the fleet ran before its newest successful deploy (rollbacks skipped,
+    so a rollback is never rolled back: a second `rollout rollback` is a no-op)."""
+    for ledger in reversed(runs(fleet)):
+        if ledger.status != "succeeded" or ledger.triggered_by == ROLLBACK_TRIGGER:
+            continue
+        moved = {record.old_image for record in ledger.records.values() if record.outcome == "updated"}
+        if len(moved) == 1:
+            return moved.pop()
+        if len(moved) > 1:
+            raise RolloutError(
+                f"run {ledger.run_id} moved instances from different images ({', '.join(sorted(moved))}); "
+                "name the image to go back to with `rollout deploy --image`"
+            )
+    raise RolloutError(f"fleet {fleet.name} has no successful deploy in its history to roll back")

@@ -1,0 +1,359 @@
+"""The fault matrix (issue 4) on the real test bed, under traffic through HAProxy.
+
+Each test causes a real fault (a host cut off, the registry stopped, a full disk, a
+killed orchestrator...) and asserts what a person would check afterwards: the fleet
+serves on one version, no server is left drained, every compose file is the new one
+or byte-identical to the old, no request failed, and the message names what broke.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from compose_rollout.errors import RolloutError
+from compose_rollout.testbed import Testbed
+from compose_rollout.traffic import Traffic, TrafficResult
+from flows.rolling_deploy import rolling_deploy
+from tests.fleet.test_rollout import deploy_under_traffic, fleet_file, observe
+
+pytestmark = [pytest.mark.fleet, pytest.mark.usefixtures("prefect_server")]
+
+CLI = [sys.executable, "-m", "compose_rollout.cli"]
+
+
+def docker(*argv: str, stdin: str | None = None) -> str:
+    env = {**os.environ, "DOCKER_BUILDKIT": "0"}  # the 28.x client has no buildx plugin here
+    done = subprocess.run(
+        ["docker", *argv], input=stdin, capture_output=True, text=True, timeout=120, check=True, env=env
+    )
+    return done.stdout.strip()
+
+
+def push_variant(bed: Testbed, tag: str, *dockerfile: str) -> str:
+    """Build an image FROM v2 with extra Dockerfile lines, push it as `tag`; its digest."""
+    ref = f"{bed.image_repository}:{tag}"
+    docker("build", "-q", "-t", ref, "-", stdin="\n".join([f"FROM {bed.image_repository}:v2", *dockerfile]) + "\n")
+    pushed = docker("push", ref)
+    digest = next(word for word in pushed.split() if word.startswith("sha256:"))
+    return digest
+
+
+def journal(state: Path) -> dict[str, Any] | None:
+    """The newest run journal under a state directory."""
+    runs = sorted((state / "demo" / "runs").glob("*.json"), key=lambda p: p.stat().st_mtime)
+    return json.loads(runs[-1].read_text()) if runs else None
+
+
+def wait_for_journal(state: Path, ready: Callable[[dict[str, Any]], bool], timeout: float = 120) -> dict[str, Any]:
+    """Poll the run journal (observed state) until `ready` holds, with a deadline."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            found = journal(state)
+        except (ValueError, OSError):  # caught between write and rename: read again
+            found = None
+        if found is not None and ready(found):
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"journal never reached the awaited state; last: {journal(state)}")
+
+
+def record(found: dict[str, Any], name: str) -> dict[str, Any]:
+    return next((r for r in found["records"] if r["name"] == name), {})
+
+
+@contextmanager
+def cli_deploy(fleet: str, tag: str, out: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """`rollout deploy` in its own process group (its temporary Prefect server is a child)."""
+    with open(out, "wb") as log:
+        process = subprocess.Popen(
+            [*CLI, "deploy", "--fleet", fleet, "--tag", tag],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            yield process
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=60)
+            try:
+                os.killpg(process.pid, signal.SIGKILL)  # the orphaned Prefect server, if any
+            except ProcessLookupError:
+                pass
+
+
+def assert_serving_v1(bed: Testbed, before: Any, seen: TrafficResult) -> None:
+    after = observe(bed)
+    assert after.images == before.images
+    assert after.compose == before.compose
+    assert set(after.lb.values()) == {"UP"}, after.lb
+    assert seen.failed == 0, seen.failures
+
+
+@pytest.mark.timeout(120)
+def test_a_host_down_before_the_run_is_refused_in_preflight(fresh_fleet: Testbed, tmp_path: Path) -> None:
+    bed = fresh_fleet
+    before = observe(bed)
+    bed.stop_sshd("app-2")
+    with pytest.raises(RolloutError) as raised:
+        rolling_deploy(fleet_file=fleet_file(bed, tmp_path), tag="v2", triggered_by="test")
+    assert "refused before any instance was touched" in str(raised.value)
+    assert "app-2" in str(raised.value) and "cannot connect" in str(raised.value)
+    assert observe(bed) == before
+
+
+@pytest.mark.timeout(240)
+def test_a_host_cut_off_after_its_drain_is_rolled_back_and_re_enabled(fresh_fleet: Testbed, tmp_path: Path) -> None:
+    bed = fresh_fleet
+    before = observe(bed)
+    state = tmp_path / "state"
+    fleet = fleet_file(bed, tmp_path, ssh={"connect_timeout_seconds": 2})
+    traffic = Traffic(bed.lb_url)
+    traffic.start()
+    with cli_deploy(fleet, "v2", tmp_path / "deploy.log") as process:
+        # app-2 drained, compose not yet written: cut the host off right there.
+        wait_for_journal(state, lambda j: record(j, "app-2").get("drained") is True)
+        bed.cut_host("app-2")
+        process.wait(timeout=180)
+    seen = traffic.stop()
+    output = (tmp_path / "deploy.log").read_text()
+    assert process.returncode == 1
+    assert "failed on instance app-2" in output and "COULD NOT REACH app-2" in output
+    # app-2 could not be reached, but it was drained by this run: it is back in rotation
+    # and, never changed, still serves v1; app-1 was rolled back anyway.
+    after = observe(bed)
+    assert after.images == before.images and after.compose == before.compose
+    assert set(after.lb.values()) == {"UP"}, after.lb
+    assert seen.failed == 0, seen.failures
+
+
+@pytest.mark.timeout(180)
+def test_the_registry_down_during_pre_pull_drains_nothing(fresh_fleet: Testbed, tmp_path: Path) -> None:
+    bed = fresh_fleet
+    digest = push_variant(bed, "v3-prepull", "RUN echo v3 > /www/version")
+    docker("rmi", f"{bed.image_repository}:v3-prepull")  # no host has it now: it must be pulled
+    bed.stop_registry()
+    before = observe(bed)
+    with pytest.raises(RolloutError) as raised:
+        rolling_deploy(
+            fleet_file=fleet_file(bed, tmp_path), image=f"{bed.image_repository}:v3-prepull@{digest}", triggered_by="t"
+        )
+    message = str(raised.value)
+    assert "pre-pull" in message and "nothing was drained" in message
+    assert observe(bed) == before
+
+
+@pytest.mark.timeout(240)
+def test_a_container_that_crashes_after_starting_is_rolled_back(fresh_fleet: Testbed, tmp_path: Path) -> None:
+    bed = fresh_fleet
+    push_variant(bed, "crashes", 'CMD ["/bin/sh", "-c", "httpd -p 8080 -h /www; sleep 1; exit 3"]')
+    before = observe(bed)
+    rows, failure, seen = deploy_under_traffic(bed, fleet_file(bed, tmp_path, health={"timeout_seconds": 8}), "crashes")
+    assert rows is None and "instance app-1" in failure and "await-healthy" in failure
+    assert_serving_v1(bed, before, seen)
+
+
+@pytest.mark.timeout(240)
+def test_health_that_passes_then_fails_is_caught_by_the_stabilisation_window(
+    fresh_fleet: Testbed, tmp_path: Path
+) -> None:
+    bed = fresh_fleet
+    # /health answers for 5 s after start, then 404: it passes the gate, then flaps.
+    push_variant(bed, "flaps", 'CMD ["/bin/sh", "-c", "(sleep 5; rm /www/health) & exec /bin/sh /entrypoint.sh"]')
+    before = observe(bed)
+    health = {"consecutive_successes": 2, "interval_seconds": 0.25, "stabilization_seconds": 12, "timeout_seconds": 20}
+    rows, failure, seen = deploy_under_traffic(bed, fleet_file(bed, tmp_path, health=health), "flaps")
+    assert rows is None and "instance app-1" in failure and "stabilisation window" in failure
+    assert_serving_v1(bed, before, seen)
+
+
+def slow_requests_through_lb(bed: Testbed, seconds: int) -> subprocess.Popen[str]:
+    """Three slow requests at once through the LB (round robin: one lands on each instance)."""
+    script = (
+        "import concurrent.futures as f, requests, sys\n"
+        f"u='{bed.lb_url}/cgi-bin/slow?{seconds}'\n"
+        "with f.ThreadPoolExecutor(3) as p:\n"
+        "    codes = list(p.map(lambda _: requests.get(u, timeout=60).status_code, range(3)))\n"
+        "print(codes)\n"
+    )
+    return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_sessions_on_all(bed: Testbed, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = bed.haproxy_server_states()
+        if all(int(states[i.lb_server]["scur"]) > 0 for i in bed.instances):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"slow requests never reached every instance: {bed.haproxy_server_states()}")
+
+
+@pytest.mark.timeout(180)
+def test_a_request_longer_than_the_drain_timeout_fails_the_run_by_default_and_completes(
+    fresh_fleet: Testbed, tmp_path: Path
+) -> None:
+    bed = fresh_fleet
+    before = observe(bed)
+    slow = slow_requests_through_lb(bed, 12)
+    wait_for_sessions_on_all(bed)
+    with pytest.raises(RolloutError) as raised:
+        rolling_deploy(fleet_file=fleet_file(bed, tmp_path, rollout={"drain_timeout_seconds": 2}), tag="v2")
+    assert "instance app-1 at step wait-for-sessions" in str(raised.value)
+    assert "on_drain_timeout: fail" in str(raised.value)
+    out, _ = slow.communicate(timeout=60)
+    assert out.strip() == "[200, 200, 200]"  # the long requests were never cut
+    assert observe(bed) == before
+
+
+@pytest.mark.timeout(180)
+def test_with_proceed_a_request_longer_than_the_drain_timeout_is_cut_and_counted(
+    fresh_fleet: Testbed, tmp_path: Path
+) -> None:
+    bed = fresh_fleet
+    slow = slow_requests_through_lb(bed, 12)
+    wait_for_sessions_on_all(bed)
+    fleet = fleet_file(bed, tmp_path, rollout={"drain_timeout_seconds": 2, "on_drain_timeout": "proceed"})
+    rows = rolling_deploy(fleet_file=fleet, tag="v2")
+    assert sum(int(row["sessions cut"]) for row in rows) >= 1
+    slow.communicate(timeout=60)
+    v2 = bed.image_id(f"{bed.image_repository}:v2")
+    assert {bed.running_image(i.name) for i in bed.instances} == {v2}
+    assert set(observe(bed).lb.values()) == {"UP"}
+
+
+@pytest.mark.timeout(300)
+def test_a_killed_orchestrator_is_recovered_by_rollout_recover(fresh_fleet: Testbed, tmp_path: Path) -> None:
+    bed = fresh_fleet
+    before = observe(bed)
+    state = tmp_path / "state"
+    fleet = fleet_file(bed, tmp_path)
+    traffic = Traffic(bed.lb_url)
+    traffic.start()
+    with cli_deploy(fleet, "v2", tmp_path / "deploy.log") as process:
+        # Mid-instance: app-2 drained and its compose file (maybe) written, then SIGKILL.
+        wait_for_journal(state, lambda j: record(j, "app-2").get("file_written") is True)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    assert bed.haproxy_server_states()["app-2"]["status"].startswith("DRAIN")  # the fault is real
+    recovered = subprocess.run([*CLI, "recover", "--fleet", fleet], capture_output=True, text=True, timeout=240)
+    seen = traffic.stop()
+    assert recovered.returncode == 0, recovered.stdout[-3000:] + recovered.stderr[-3000:]
+    assert "recovered" in recovered.stdout
+    assert_serving_v1(bed, before, seen)
+    found = journal(state)
+    assert found is not None and found["status"] == "recovered"
+
+
+@pytest.mark.timeout(300)
+def test_ctrl_c_rolls_back_and_leaves_nothing_drained(fresh_fleet: Testbed, tmp_path: Path) -> None:
+    bed = fresh_fleet
+    before = observe(bed)
+    state = tmp_path / "state"
+    traffic = Traffic(bed.lb_url)
+    traffic.start()
+    with cli_deploy(fleet_file(bed, tmp_path), "v2", tmp_path / "deploy.log") as process:
+        wait_for_journal(state, lambda j: record(j, "app-2").get("drained") is True)
+        process.send_signal(signal.SIGINT)  # to the CLI only, as a terminal's Ctrl-C would
+        process.wait(timeout=180)
+    seen = traffic.stop()
+    assert process.returncode != 0
+    assert_serving_v1(bed, before, seen)
+    found = journal(state)
+    assert found is not None and found["status"] == "rolled back"
+
+
+@pytest.mark.timeout(300)
+def test_a_second_run_for_the_same_fleet_is_refused_while_the_first_goes_on(
+    fresh_fleet: Testbed, tmp_path: Path
+) -> None:
+    bed = fresh_fleet
+    state = tmp_path / "state"
+    fleet = fleet_file(bed, tmp_path)
+    with cli_deploy(fleet, "v2", tmp_path / "first.log") as first:
+        wait_for_journal(state, lambda j: record(j, "app-1").get("drained") is True)
+        second = subprocess.run([*CLI, "deploy", "--fleet", fleet, "--tag", "v1"], capture_output=True, text=True)
+        first.wait(timeout=240)
+    assert second.returncode == 1 and "is locked by run" in second.stderr and "refusing to interleave" in second.stderr
+    assert first.returncode == 0, (tmp_path / "first.log").read_text()[-3000:]
+    v2 = bed.image_id(f"{bed.image_repository}:v2")
+    assert {bed.running_image(i.name) for i in bed.instances} == {v2}
+
+
+@pytest.mark.timeout(240)
+def test_a_full_disk_while_writing_the_compose_file_leaves_the_old_file_intact(
+    fresh_fleet: Testbed, tmp_path: Path
+) -> None:
+    bed = fresh_fleet
+    app2 = bed.instance("app-2").project_directory
+    saved = {path.name: path.read_bytes() for path in app2.iterdir()}
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(app2)], check=True, timeout=30)
+    try:
+        for name, data in saved.items():
+            (app2 / name).write_bytes(data)
+        (app2 / "ssh_host_ed25519_key").chmod(0o600)
+        with open(app2 / "filler", "wb", buffering=0) as filler:  # fill the disk for real
+            try:
+                while True:
+                    filler.write(b"\0" * 1024)
+            except OSError:
+                pass
+        before = observe(bed)
+        rows, failure, seen = deploy_under_traffic(bed, fleet_file(bed, tmp_path), "v2")
+        assert rows is None and "instance app-2 at step set-image" in failure
+        assert "No space left" in failure or "Failure" in failure
+        assert_serving_v1(bed, before, seen)
+        assert not any(name.endswith(".rollout-tmp") for name in os.listdir(app2))
+    finally:
+        subprocess.run(["umount", "-l", str(app2)], check=True, timeout=30)
+    assert sorted(os.listdir(app2)) == sorted(saved)
+
+
+@pytest.mark.timeout(300)
+def test_a_failed_rollback_stops_keeps_the_others_serving_and_says_what_needs_a_person(
+    fresh_fleet: Testbed, tmp_path: Path
+) -> None:
+    bed = fresh_fleet
+    # app-3 is unhealthy on v2 (app-1 and app-2 move and serve v2). While app-3's health is
+    # checked, v1 disappears: the registry stops and no host has the image any more, so
+    # bringing app-3 back to v1 fails.
+    app3 = bed.instance("app-3").compose_file
+    app3.write_text(app3.read_text().replace("LOG_LEVEL: info", "LOG_LEVEL: info\n      UNHEALTHY_ON_VERSION: v2"))
+    bed.compose("app-3", "up", "-d")
+    bed.wait_all_up()
+    v1 = bed.image_id(f"{bed.image_repository}:v1")
+    state = tmp_path / "state"
+    fleet = fleet_file(bed, tmp_path, health={"timeout_seconds": 10})
+    traffic = Traffic(bed.lb_url)
+    traffic.start()
+    with cli_deploy(fleet, "v2", tmp_path / "deploy.log") as process:
+        wait_for_journal(state, lambda j: record(j, "app-3").get("step") == "await-healthy", timeout=180)
+        bed.stop_registry()
+        docker("image", "rm", "-f", v1)
+        process.wait(timeout=240)
+    seen = traffic.stop()
+    output = (tmp_path / "deploy.log").read_text()
+    assert process.returncode == 1
+    assert "ROLLBACK FAILED on app-3" in output and "A person must check app-3" in output
+    assert "still on the new image: app-2, app-1" in output
+    v2 = bed.image_id(f"{bed.image_repository}:v2")
+    assert bed.running_image("app-1") == v2 and bed.running_image("app-2") == v2  # left serving, not half-reverted
+    states = bed.haproxy_server_states()
+    assert states["app-1"]["status"] == "UP" and states["app-2"]["status"] == "UP"
+    assert not states["app-3"]["status"].startswith("DRAIN")  # re-enabled; its own check keeps it out
+    assert seen.failed == 0, seen.failures
+    found = journal(state)
+    assert found is not None and found["status"] == "needs attention"
