@@ -155,17 +155,28 @@ def compose_version(ctx: Context, instance: Instance) -> ComposeVersion:
     return ctx.compose_versions[instance.name]
 
 
-def container_state(ctx: Context, instance: Instance) -> ContainerState | None:
-    """The service's container, or None if there is none."""
-    ids = ctx.run(instance, commands.service_containers(instance, ctx.fleet.service)).split()
-    if not ids:
-        return None
-    if len(ids) > 1:
-        raise RemoteError(
-            f"{instance.name}: service {ctx.fleet.service} has {len(ids)} containers; "
-            "compose-rollout updates one container per instance"
+def container_state(ctx: Context, instance: Instance, known_id: str | None = None) -> ContainerState | None:
+    """The service's container, or None if there is none.
+
+    With `known_id` (the container seen last time) one `docker inspect` suffices while
+    it still exists; otherwise the container is found by its Compose labels first.
+    """
+    info = None
+    if known_id is not None:
+        found = ctx.hosts[instance.name].run(
+            commands.inspect_container(known_id), timeout=ctx.fleet.ssh.command_timeout_seconds, check=False
         )
-    info = json.loads(ctx.run(instance, commands.inspect_container(ids[0])))[0]
+        info = json.loads(found.stdout)[0] if found.ok else None
+    if info is None:
+        ids = ctx.run(instance, commands.service_containers(instance, ctx.fleet.service)).split()
+        if not ids:
+            return None
+        if len(ids) > 1:
+            raise RemoteError(
+                f"{instance.name}: service {ctx.fleet.service} has {len(ids)} containers; "
+                "compose-rollout updates one container per instance"
+            )
+        info = json.loads(ctx.run(instance, commands.inspect_container(ids[0])))[0]
     state = info["State"]
     return ContainerState(
         id=info["Id"],
@@ -364,8 +375,11 @@ def await_healthy(ctx: Context, instance: Instance, image_id: str) -> float:
     passes, last = 0, "nothing yet"
     stable_since: float | None = None
     stable_container: ContainerState | None = None
+    seen_id: str | None = None
     while True:
-        container = container_state(ctx, instance)
+        tick = ctx.clock.monotonic()
+        container = container_state(ctx, instance, seen_id)
+        seen_id = container.id if container else None
         if container is None:
             ok, last = False, "no container"
         elif container.image_id != image_id:
@@ -393,7 +407,8 @@ def await_healthy(ctx: Context, instance: Instance, image_id: str) -> float:
             return now - started
         if now >= deadline:
             raise WaitTimeout(f"{instance.name} to become healthy", health.timeout_seconds, last)
-        ctx.clock.sleep(health.interval_seconds)
+        # Probes are paced by period, not by a pause after each round's own work.
+        ctx.clock.sleep(max(0.0, tick + health.interval_seconds - ctx.clock.monotonic()))
 
 
 def await_lb_up(ctx: Context, instance: Instance) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 import string
+import subprocess
 
 import pytest
 from hypothesis import given
@@ -76,9 +77,20 @@ def test_project_directory_with_a_space_is_one_argument():
     assert shlex.split(shlex.join(argv)) == argv
 
 
-@pytest.mark.parametrize(("version", "expected"), [("v2", [*V2, "version"]), ("v1", [*V1, "version", "--short"])])
-def test_compose_probe(version, expected):
-    assert commands.compose_probe(version) == expected
+def test_compose_probe_v2_asks_docker_compose_for_its_version():
+    assert commands.compose_probe("v2") == [*V2, "version"]
+
+
+def test_compose_probe_v1_finds_the_program_without_starting_it(tmp_path):
+    fake = tmp_path / "bin" / "docker-compose"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho started >> " + str(tmp_path / "ran") + "\n")
+    fake.chmod(0o755)
+    probe = commands.compose_probe("v1")
+    found = subprocess.run(probe, env={"PATH": f"{fake.parent}:/usr/bin:/bin"}, timeout=10)
+    missing = subprocess.run(probe, env={"PATH": str(tmp_path / "empty")}, timeout=10, executable="/bin/sh")
+    assert found.returncode == 0 and missing.returncode != 0
+    assert not (tmp_path / "ran").exists()  # looked up, never run
 
 
 # --- timeout ------------------------------------------------------------------------------------------------------

@@ -1,0 +1,61 @@
+"""Flow-level policies that act before any host is contacted (no fleet needed).
+
+The fleet files point at hosts that do not exist: a policy that let the run go on would
+fail with a connection error instead of the refusal asserted here.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import yaml
+
+from compose_rollout.errors import RolloutError
+from flows.rolling_deploy import rolling_deploy
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+def write_fleet(tmp_path: Path, **extra: object) -> str:
+    data = {
+        "name": "demo",
+        "image_repository": "registry.invalid/demo/app",
+        "load_balancer": {"admin_address": "tcp://127.0.0.1:9", "backend": "app"},
+        "state_directory": str(tmp_path / "state"),
+        "instances": [
+            {
+                "name": f"app-{n}",
+                "host": "192.0.2.1",  # TEST-NET-1: never contacted by these tests
+                "project_directory": f"/srv/app-{n}",
+                "lb_server": f"app-{n}",
+                "health_url": f"http://192.0.2.1:{8080 + n}/health",
+            }
+            for n in (1, 2)
+        ],
+        **extra,
+    }
+    path = tmp_path / "fleet.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def window_not_now() -> dict[str, object]:
+    """A daily one-hour window that starts three hours from now (so now is outside it)."""
+    start = datetime.now(UTC) + timedelta(hours=3)
+    return {"cron": f"{start.minute} {start.hour} * * *", "duration_minutes": 60, "timezone": "UTC"}
+
+
+@pytest.mark.timeout(120)
+def test_a_direct_run_outside_every_window_is_refused_with_the_next_start(tmp_path: Path) -> None:
+    fleet = write_fleet(tmp_path, maintenance_windows=[window_not_now()])
+    with pytest.raises(RolloutError, match=r"outside its maintenance windows; the next one starts .* UTC"):
+        rolling_deploy(fleet_file=fleet, tag="v2")
+    assert not (tmp_path / "state").exists()  # nothing started: no journal, no lock
+
+
+@pytest.mark.timeout(120)
+def test_without_a_tag_or_a_tag_policy_the_run_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(RolloutError, match="give a tag or an image"):
+        rolling_deploy(fleet_file=write_fleet(tmp_path))
