@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -143,8 +144,12 @@ def test_a_host_cut_off_after_its_drain_is_rolled_back_and_re_enabled(fresh_flee
 @pytest.mark.timeout(180)
 def test_the_registry_down_during_pre_pull_drains_nothing(fresh_fleet: Testbed, tmp_path: Path) -> None:
     bed = fresh_fleet
-    digest = push_variant(bed, "v3-prepull", "RUN echo v3 > /www/version")
-    docker("rmi", f"{bed.image_repository}:v3-prepull")  # no host has it now: it must be pulled
+    # Unique content: an image the engine already holds (another tag, an earlier run) would
+    # need no pull at all, and the outage would go unnoticed.
+    digest = push_variant(bed, "v3-prepull", f"RUN echo v3-prepull-{uuid.uuid4()} > /www/version")
+    docker("rmi", f"{bed.image_repository}:v3-prepull")
+    with pytest.raises(subprocess.CalledProcessError):  # no host has it now: it must be pulled
+        docker("image", "inspect", f"{bed.image_repository}@{digest}")
     bed.stop_registry()
     before = observe(bed)
     with pytest.raises(RolloutError) as raised:

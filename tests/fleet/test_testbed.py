@@ -236,7 +236,7 @@ def test_reset_undoes_a_broken_rollout_and_a_registry_outage(fresh_fleet: Testbe
     assert bed.running_image("app-3") == bed.image_id(f"{bed.image_repository}:v1")
     assert {row["status"] for row in bed.haproxy_server_states().values()} == {"UP"}
     tags = _get(f"http://{bed.registry}/v2/demo/app/tags/list").json()["tags"]
-    assert sorted(tags) == ["broken", "v1", "v2"]
+    assert {"broken", "v1", "v2"} <= set(tags)  # other tests push variants; these must be back
 
 
 @pytest.mark.timeout(60)
