@@ -1,0 +1,297 @@
+"""The benchmark suite: `python -m bench.run [--quick]`.
+
+Runs every measurement of issue #5 on the real test bed, in one go, on this machine,
+and rewrites BENCHMARKS.md and bench/timeline.png:
+
+1. zero downtime under load (a rollout, and one that fails and rolls back);
+2. time out of rotation per instance vs. its floor (restart + ready + LB rise);
+3. orchestration overhead (wall time minus the inherent waits);
+4. the peers: the seed procedure by hand (shell) and an Ansible playbook;
+5. scale: 3, 12 and 24 instances, batch 1 and 25 %.
+
+`--quick` does a subset (3 instances, no Ansible, no 12/24) in a few minutes.
+Not part of the test run: speed is measured here, never in timed tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import pickle
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _quiet_prefect_env() -> None:
+    """Prefect settings that must be in place before Prefect is imported: an isolated
+    home, no telemetry, and time for a cold start of the temporary server."""
+    os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="bench-prefect-"))
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
+
+
+_quiet_prefect_env()
+
+from bench import peers, report  # noqa: E402 - after the environment above
+from bench.scenarios import (  # noqa: E402
+    ActionResult,
+    FloorSample,
+    Run,
+    attach_flow_details,
+    compose_rollout_action,
+    fleet_on,
+    measure,
+    measure_floor,
+)
+from compose_rollout.testbed import Testbed  # noqa: E402
+
+log = logging.getLogger("bench")
+
+
+@dataclass
+class Results:
+    """Everything one bench run measured, for the report."""
+
+    quick: bool
+    command: str
+    started: float = field(default_factory=time.time)
+    finished: float = 0.0
+    prefect_startup: float = 0.0
+    bed_startup: dict[int, float] = field(default_factory=dict)
+    runs: list[Run] = field(default_factory=list)
+    floor: list[FloorSample] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    timeline: Run | None = None
+
+    def find(self, runner: str, label: str) -> Run | None:
+        return next((r for r in self.runs if r.runner == runner and r.label == label), None)
+
+
+def say(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+@contextmanager
+def test_bed(workdir: Path, instances: int, results: Results) -> Iterator[Testbed]:
+    """A started bed of `instances`; its start-up is reported apart from the rollouts."""
+    bed = Testbed(workdir / f"bed-{instances}", instances=instances)
+    say(f"starting a test bed of {instances} instances (waits if another bed holds the machine lock)")
+    # Take the machine-wide lock first (start() would too, idempotently) so that
+    # waiting for another engineer's bed is not counted as start-up time.
+    bed._take_machine_lock()
+    began = time.monotonic()
+    bed.start()
+    results.bed_startup[instances] = time.monotonic() - began
+    say(f"test bed of {instances} up in {results.bed_startup[instances]:.1f} s")
+    try:
+        yield bed
+    finally:
+        say(f"stopping the test bed of {instances}")
+        bed.stop()
+
+
+class Suite:
+    """Runs the measurements in order on the beds, recording into `results`."""
+
+    def __init__(self, results: Results, workdir: Path, steady_seconds: float) -> None:
+        self.results = results
+        self.workdir = workdir
+        self.steady = steady_seconds
+
+    def fleet_file(self, bed: Testbed, name: str, **overrides: object) -> tuple[Path, Path]:
+        state = self.workdir / "state"
+        path = bed.fleet_file(self.workdir / "fleets" / f"{name}.yaml", state_directory=str(state), **overrides)
+        return path, state
+
+    def _record(self, run: Run) -> Run:
+        self.results.runs.append(run)
+        failed = f", {run.failed} failed requests" if run.failed else ", 0 failed requests"
+        state = "ok" if run.ok else f"FAILED: {run.error[:300]}"
+        say(f"  {run.runner} / {run.label}: {run.wall:.1f} s{failed}; {state}")
+        return run
+
+    def compose_rollout(
+        self, bed: Testbed, label: str, tag: str, batch: str = "1", keep_series: bool = False, **overrides: object
+    ) -> Run:
+        """One `rolling-deploy` flow run under load."""
+        bed.reset()
+        batch_value: int | str = int(batch) if batch.isdigit() else batch
+        fleet, state = self.fleet_file(
+            bed, f"{label}-{len(bed.instances)}".replace(" ", "-").replace("%", "pct"),
+            rollout={"batch_size": batch_value}, **overrides,
+        )  # fmt: skip
+        say(f"compose-rollout: {label} ({len(bed.instances)} instances, batch {batch})")
+        run = measure(
+            bed,
+            "compose-rollout",
+            label,
+            batch,
+            compose_rollout_action(fleet, tag),
+            steady_seconds=self.steady,
+            keep_series=keep_series,
+        )
+        attach_flow_details(run, state)
+        run.fleet_on_target = fleet_on(bed, tag if run.ok else bed.initial_tag)
+        return self._record(run)
+
+    def shell(self, bed: Testbed) -> None:
+        missing = peers.shell_available()
+        if missing:
+            self.results.skipped.append(f"shell-script peer: {missing}")
+            return
+        bed.reset()
+        say("shell script (seed procedure by hand)")
+        image = f"{bed.image_repository}:v2"
+
+        def action() -> ActionResult:
+            outcome = peers.run_shell_script(bed, image)
+            return ActionResult(outcome.ok, "" if outcome.ok else outcome.output_tail)
+
+        run = measure(bed, "shell script", "v1 → v2", "1", action, steady_seconds=self.steady)
+        run.fleet_on_target = fleet_on(bed, "v2")
+        self._record(run)
+
+    def ansible(self, bed: Testbed) -> None:
+        missing = peers.ansible_available()
+        if missing:
+            self.results.skipped.append(f"Ansible peer: {missing}")
+            return
+        bed.reset()
+        say("Ansible playbook (serial: 1, community.general.haproxy drain + wait)")
+        image = f"{bed.image_repository}:v2"
+
+        def action() -> ActionResult:
+            outcome = peers.run_ansible(bed, image)
+            return ActionResult(outcome.ok, "" if outcome.ok else outcome.output_tail)
+
+        run = measure(bed, "Ansible", "v1 → v2", "1", action, steady_seconds=self.steady)
+        run.fleet_on_target = fleet_on(bed, "v2")
+        self._record(run)
+
+    def floor(self, bed: Testbed) -> None:
+        bed.reset()
+        say("floor: restart + app ready + LB rise, measured directly (no orchestration)")
+        samples: list[FloorSample] = []
+
+        def action() -> ActionResult:
+            samples.extend(measure_floor(bed, "v2"))
+            return ActionResult(True)
+
+        run = measure(bed, "floor probe", "direct", "1", action, steady_seconds=2.0)
+        self.results.floor = samples
+        for sample in samples:
+            say(
+                f"  {sample.instance}: restart {sample.restart:.2f} s, ready {sample.ready:.2f} s, "
+                f"rise {sample.rise:.2f} s (LB saw it down: {sample.lb_saw_down})"
+            )
+        if run.failed:
+            say(f"  the floor probe itself saw {run.failed} failed requests")
+
+    def on_small_bed(self, bed: Testbed, quick: bool, compose_rollout_only: bool) -> None:
+        """Measurements 1-4 and the 3-instance scale point, on one bed of 3."""
+        self.results.timeline = self.compose_rollout(bed, "v1 → v2", "v2", keep_series=True)
+        if compose_rollout_only:
+            # For before/after comparisons of core changes: the floor (for the ratios)
+            # and compose-rollout's own runs only.
+            self.floor(bed)
+            self.results.skipped.append("rollback run and peers (--compose-rollout-only)")
+            if not quick:
+                self.compose_rollout(bed, "scale", "v2", batch="25%")
+            return
+        # A rollout that fails its health gate on the first instance and rolls back.
+        self.compose_rollout(bed, "broken image → rollback", "broken", health={"timeout_seconds": 10})
+        self.floor(bed)
+        self.shell(bed)
+        if quick:
+            self.results.skipped.append("Ansible peer (--quick)")
+        else:
+            self.ansible(bed)
+            # The same rollout with the health policy at its minimum: 1 success, no
+            # stabilisation window. Shows what the default policy costs per instance.
+            self.compose_rollout(
+                bed,
+                "v1 → v2, minimal health policy",
+                "v2",
+                health={"consecutive_successes": 1, "stabilization_seconds": 0},
+            )
+            self.compose_rollout(bed, "scale", "v2", batch="25%")
+
+    def scale(self, bed: Testbed) -> None:
+        for batch in ("1", "25%"):
+            self.compose_rollout(bed, "scale", "v2", batch=batch)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a subset in a few minutes (3 instances, no Ansible)")
+    parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md", help="report to rewrite")
+    parser.add_argument("--plot", type=Path, default=ROOT / "bench" / "timeline.png", help="timeline PNG to rewrite")
+    parser.add_argument("--json", type=Path, help="also write the summary numbers as JSON (to compare runs)")
+    parser.add_argument(
+        "--workdir", type=Path, default=Path(tempfile.gettempdir()) / "compose-rollout-bench", help="beds and state"
+    )
+    parser.add_argument(
+        "--sizes", default=None, help="scale sizes, e.g. 3,12,24 (default: 3 with --quick, else 3,12,24)"
+    )
+    parser.add_argument(
+        "--compose-rollout-only",
+        action="store_true",
+        help="skip the rollback run and the peers (to compare core changes before/after)",
+    )
+    parser.add_argument(
+        "--report-from",
+        type=Path,
+        help="only re-render the report from the results.pickle a run saved in its workdir",
+    )
+    args = parser.parse_args(argv)
+    if args.report_from:
+        saved: Results = pickle.loads(args.report_from.read_bytes())  # noqa: S301 - our own file
+        report.write(saved, args.out, args.plot)
+        say(f"wrote {args.out} and {args.plot} from {args.report_from}")
+        return 0
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    sizes = [int(s) for s in (args.sizes or ("3" if args.quick else "3,12,24")).split(",")]
+    command = (
+        "python -m bench.run"
+        + (" --quick" if args.quick else "")
+        + (f" --sizes {args.sizes}" if args.sizes else "")
+        + (" --compose-rollout-only" if args.compose_rollout_only else "")
+    )
+    results = Results(quick=args.quick, command=command)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    suite = Suite(results, args.workdir, steady_seconds=5.0)
+
+    from prefect.testing.utilities import prefect_test_harness
+
+    say("starting a temporary Prefect server (paid once, reported apart)")
+    began = time.monotonic()
+    with prefect_test_harness(server_startup_timeout=120):
+        results.prefect_startup = time.monotonic() - began
+        say(f"Prefect server up in {results.prefect_startup:.1f} s")
+        for size in sizes:
+            with test_bed(args.workdir, size, results) as bed:
+                if size == 3:
+                    suite.on_small_bed(bed, args.quick, args.compose_rollout_only)
+                else:
+                    suite.scale(bed)
+    results.finished = time.time()
+    (args.workdir / "results.pickle").write_bytes(pickle.dumps(results))
+    report.write(results, args.out, args.plot)
+    say(f"wrote {args.out} and {args.plot} ({(results.finished - results.started) / 60:.1f} min)")
+    if args.json:
+        args.json.write_text(json.dumps(report.summary(results), indent=1))
+    failed = [r for r in results.runs if r.failed]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
