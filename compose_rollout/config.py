@@ -12,7 +12,7 @@ import ipaddress
 import math
 import re
 from pathlib import Path, PurePosixPath
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -305,7 +305,29 @@ class RegistrySettings(_Strict):
     ] = []
 
 
-class Fleet(BaseSettings):
+S = TypeVar("S", bound="YamlSettings")
+
+
+class YamlSettings(BaseSettings):
+    """Settings read from a YAML file and overridable from the environment (a base class).
+
+    Explicit arguments win, then the environment, then the file. Load with
+    `load_yaml_settings`, which names every bad path in its ConfigError.
+    """
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls))
+
+
+class Fleet(YamlSettings):
     """A fleet: the instances of one Compose service behind one load balancer."""
 
     model_config = SettingsConfigDict(env_prefix="ROLLOUT_", env_nested_delimiter="__", extra="forbid", frozen=True)
@@ -333,18 +355,6 @@ class Fleet(BaseSettings):
         "~/.local/state/compose-rollout"
     )
     instances: Annotated[list[Instance], Field(min_length=1, description="The instances, in update order.")]
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Explicit arguments, then environment, then the YAML file.
-        return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls))
 
     @field_validator("name")
     @classmethod
@@ -399,32 +409,33 @@ class Fleet(BaseSettings):
         return instance.ssh_user or self.ssh.user
 
 
-def _format_error(error: ValidationError) -> str:
+def format_validation_error(error: ValidationError, root: str) -> str:
+    """Every problem of a ValidationError as `path.to[1].key: message`, joined by `; `."""
     lines = []
     for item in error.errors():
         path = ""
         for part in item["loc"]:
             path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-        message = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
-            message = "unknown key"
-        lines.append(f"{path or 'fleet'}: {message}")
+        message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"].removeprefix("Value error, ")
+        lines.append(f"{path or root}: {message}")
     return "; ".join(lines)
+
+
+def load_yaml_settings(cls: type[S], path: Path | str, what: str, root: str, **overrides: object) -> S:
+    """Load and validate `cls` from a YAML file; ConfigError naming the file and every bad path."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist")
+    from_file = type(f"_{cls.__name__}FromFile", (cls,), {"model_config": SettingsConfigDict(yaml_file=path)})
+    try:
+        loaded = from_file(**overrides)
+    except ValidationError as error:
+        raise ConfigError(f"{what} {path}: {format_validation_error(error, root)}") from None
+    except (OSError, ValueError, yaml.YAMLError) as error:  # unreadable file or YAML syntax
+        raise ConfigError(f"{what} {path}: {error}") from None
+    return cls.model_construct(**dict(loaded))
 
 
 def load_fleet(path: Path | str, **overrides: object) -> Fleet:
     """Load and validate a fleet file; raise ConfigError naming every bad path."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"fleet file {path} does not exist")
-
-    class _FromFile(Fleet):
-        model_config = SettingsConfigDict(yaml_file=path)
-
-    try:
-        loaded = _FromFile(**overrides)  # type: ignore[arg-type]
-    except ValidationError as error:
-        raise ConfigError(f"fleet file {path}: {_format_error(error)}") from None
-    except (OSError, ValueError, yaml.YAMLError) as error:  # unreadable file or YAML syntax
-        raise ConfigError(f"fleet file {path}: {error}") from None
-    return Fleet.model_construct(**dict(loaded))
+    return load_yaml_settings(Fleet, path, "fleet file", "fleet", **overrides)

@@ -82,20 +82,16 @@ from typing import Annotated, Any, Literal, Protocol
 from urllib.parse import quote
 
 import httpx
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
     SettingsConfigDict,
-    YamlConfigSettingsSource,
 )
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from compose_rollout.config import NAME_RE
+from compose_rollout.config import NAME_RE, YamlSettings, load_yaml_settings
 from compose_rollout.errors import ConfigError, RolloutError
 from compose_rollout.images import ImageRef, validate_digest, validate_repository, validate_tag
 from compose_rollout.tag_policy import TagPolicy, VersionKey, rejection_reason, version_key
@@ -267,7 +263,7 @@ class WebhookRoute(_Strict):
         return value
 
 
-class WebhookSettings(BaseSettings):
+class WebhookSettings(YamlSettings):
     """The webhook receiver: sources, routes to fleets, and its bounds."""
 
     model_config = SettingsConfigDict(
@@ -301,18 +297,6 @@ class WebhookSettings(BaseSettings):
     dockerhub: DockerHubSource | None = None
     routes: Annotated[list[WebhookRoute], Field(min_length=1, max_length=256, description="Repository → fleet.")]
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Explicit arguments, then environment, then the YAML file (as for fleet files).
-        return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls))
-
     @model_validator(mode="after")
     def _consistent(self) -> WebhookSettings:
         if self.distribution is None and self.github is None and self.dockerhub is None:
@@ -334,31 +318,7 @@ def load_webhook_settings(path: Path | str) -> WebhookSettings:
     Every value can be overridden from the environment: `ROLLOUT_WEBHOOK_` + the path
     joined by `__`, e.g. `ROLLOUT_WEBHOOK_GITHUB__SECRET`.
     """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"webhook config {path} does not exist")
-
-    class _FromFile(WebhookSettings):
-        model_config = SettingsConfigDict(yaml_file=path)
-
-    try:
-        loaded = _FromFile()  # type: ignore[call-arg]
-    except ValidationError as error:
-        raise ConfigError(f"webhook config {path}: {_format_error(error)}") from None
-    except (OSError, ValueError, yaml.YAMLError) as error:
-        raise ConfigError(f"webhook config {path}: {error}") from None
-    return WebhookSettings.model_construct(**dict(loaded))
-
-
-def _format_error(error: ValidationError) -> str:
-    lines = []
-    for item in error.errors():
-        path = ""
-        for part in item["loc"]:
-            path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-        message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"].removeprefix("Value error, ")
-        lines.append(f"{path or 'config'}: {message}")
-    return "; ".join(lines)
+    return load_yaml_settings(WebhookSettings, path, "webhook config", "config")
 
 
 def _deployment_uuid(value: str) -> str | None:

@@ -58,6 +58,24 @@ class Prefect:
         pytest.fail(f"no matching flow run of deployment {deployment_id} within {seconds:g} s")
 
 
+class _Busy(Exception):
+    pass
+
+
+def _raise_unless_busy(response: httpx.Response) -> None:
+    if response.status_code == 503:
+        raise _Busy(str(response.url))
+
+
+def _post(client: httpx.Client, url: str, body: dict[str, Any]) -> httpx.Response:
+    for attempt in range(10):
+        try:
+            return client.post(url, json=body).raise_for_status()
+        except _Busy:
+            time.sleep(0.5 * (attempt + 1))  # backing off from a busy server, bounded
+    return client.post(url, json=body).raise_for_status()
+
+
 @pytest.fixture(scope="module")
 def prefect(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect]:
     """A real Prefect server on a free port with two deployments of `rolling-deploy`."""
@@ -66,8 +84,9 @@ def prefect(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect]:
         from flows.rolling_deploy import rolling_deploy
 
         schema = rolling_deploy.parameters.model_dump_for_openapi()
-        with httpx.Client(base_url=api, timeout=10) as client:
-            flow_id = client.post("/flows/", json={"name": rolling_deploy.name}).raise_for_status().json()["id"]
+        # A Prefect server on a loaded machine may answer 503 while busy: retry, bounded.
+        with httpx.Client(base_url=api, timeout=10, event_hooks={"response": [_raise_unless_busy]}) as client:
+            flow_id = _post(client, "/flows/", {"name": rolling_deploy.name}).json()["id"]
             ids = []
             for name in ("acme", "acme-burst"):
                 deployment = {
@@ -76,7 +95,7 @@ def prefect(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect]:
                     "parameter_openapi_schema": schema,
                     "enforce_parameter_schema": True,
                 }
-                ids.append(client.post("/deployments/", json=deployment).raise_for_status().json()["id"])
+                ids.append(_post(client, "/deployments/", deployment).json()["id"])
         yield Prefect(api, *ids)
 
 
