@@ -5,6 +5,9 @@ stays open for `duration_minutes` of *elapsed* time. Semantics for the flow:
 
 - A run requested outside every window is scheduled for the next window start
   (`scheduled_start`), unless it is urgent; an empty list of windows means "any time".
+  A run that begins a moment before a window opens (`early_start_seconds`) waits for it
+  instead: Prefect lets a run scheduled for the window's start begin up to half a second
+  early, and the worker's clock is not the API server's.
 - Before each batch the flow asks `window_open(windows, now)`. After the window has
   closed no new batch starts: the batch in progress finishes (an instance is never
   left half-updated), the remaining instances wait for the next run. A flow that wants
@@ -44,6 +47,9 @@ MAX_OPEN_PERIOD = timedelta(days=8)
 DEFAULT_HORIZON = timedelta(days=8 * 366)
 _MAX_MERGE_STEPS = 100_000
 _EPSILON = timedelta(microseconds=1)
+# How early a run may begin before a window opens and still wait for it rather than
+# re-schedule itself (to the same instant, again and again).
+EARLY_START_TOLERANCE = timedelta(seconds=10)
 
 
 class MaintenanceWindow(BaseModel):
@@ -201,6 +207,17 @@ def scheduled_start(windows: Sequence[MaintenanceWindow], now: datetime, *, urge
     if urgent or window_open(windows, now):
         return None
     return next_window_start(windows, now)
+
+
+def early_start_seconds(windows: Sequence[MaintenanceWindow], now: datetime) -> float:
+    """Seconds until the next window opens, if that is within EARLY_START_TOLERANCE and no
+    window is open at `now`; else 0 (start now, or re-schedule with `scheduled_start`)."""
+    now = _aware(now)
+    if window_open(windows, now):
+        return 0.0
+    starts = [start for w in windows for start in _first(w.starts_after(now - _EPSILON))]
+    soon = [start for start in starts if start - now <= EARLY_START_TOLERANCE]
+    return (min(soon) - now).total_seconds() if soon else 0.0
 
 
 def _first(iterator: Iterator[datetime]) -> list[datetime]:

@@ -369,6 +369,10 @@ def rolling_deploy(
             tag = resolve_tag(registry, fleet.image_repository, fleet.tag_policy)
         logger.info("tag policy %s chose %s", fleet.tag_policy.version_range, tag)
     target = procedure.target_image(fleet, tag, image)
+    early = 0.0 if urgent else windows.early_start_seconds(fleet.maintenance_windows, datetime.now(UTC))
+    if early:
+        logger.info("the maintenance window opens in %.1f s; waiting for it", early)
+        time.sleep(early)
     when = windows.scheduled_start(fleet.maintenance_windows, datetime.now(UTC), urgent=urgent)
     if when is not None:
         return _outside_window(fleet, when, fleet_file, tag if image is None else None, image, batch_size, triggered_by)

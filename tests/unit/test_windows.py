@@ -15,6 +15,7 @@ from compose_rollout.windows import (
     MAX_OPEN_PERIOD,
     MaintenanceWindow,
     MaintenanceWindows,
+    early_start_seconds,
     next_window_start,
     remaining_seconds,
     scheduled_start,
@@ -204,3 +205,13 @@ def test_the_functions_agree_with_each_other(now: datetime) -> None:
         assert period[0] <= now < period[1]
         assert remaining == (period[1] - now).total_seconds()
         assert not window_open(windows, period[1])
+
+
+def test_a_run_let_in_just_before_a_window_opens_waits_for_it() -> None:
+    # Prefect may start a run scheduled for 22:00 at 21:59:59.6; re-scheduling it would
+    # only create another run for 22:00. Further ahead, the run is re-scheduled instead.
+    assert early_start_seconds([WEEKNIGHTS], berlin(2025, 1, 10, 21, 59, 59)) == 1.0
+    assert early_start_seconds([WEEKNIGHTS], berlin(2025, 1, 10, 21, 59, 50)) == 10.0
+    assert early_start_seconds([WEEKNIGHTS], berlin(2025, 1, 10, 21, 59, 49)) == 0.0
+    assert early_start_seconds([WEEKNIGHTS], berlin(2025, 1, 10, 22, 0, 0)) == 0.0  # open: start now
+    assert early_start_seconds([], berlin(2025, 1, 10, 21, 59, 59)) == 0.0
