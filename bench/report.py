@@ -164,7 +164,7 @@ def machine_facts() -> list[tuple[str, str]]:
         ("memory", f"{mem_kib / 1024 / 1024:.1f} GiB"),
         ("kernel", platform.release()),
         ("OS", f"Debian {debian}"),
-        ("Docker engine", _first_line(["docker", "version", "--format", "{{.Server.Version}}"])),
+        ("Docker engine", _first_line(["dockerd", "--version"])),  # the binary: no daemon needed
         ("Compose", f"docker-compose {_first_line(['docker-compose', 'version', '--short'])} (v1)"),
         ("HAProxy", haproxy),
         ("OpenSSH", _first_line(["ssh", "-V"])),
