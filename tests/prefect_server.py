@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -61,16 +63,22 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def prefect_server(home: Path, ui: bool = False) -> Iterator[str]:
-    """Start a Prefect server on a free port; yield its API URL; stop it."""
+def prefect_server(home: Path, ui: bool = False, **settings: str) -> Iterator[str]:
+    """Start a Prefect server on a free port; yield its API URL; stop it. `settings` are
+    extra PREFECT_* variables for the server (a database URL, a service's loop time)."""
     port = free_port()
     log = home / "server.log"
     flags = [] if ui else ["--no-ui"]
+    api = f"http://127.0.0.1:{port}/api"
     with log.open("wb") as output:
         process = subprocess.Popen(
             [*SERVER_COMMAND, "--host", "127.0.0.1", "--port", str(port), *flags, "--analytics-off"],
             env=clean_env(
-                PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED=str(ui).lower()
+                PREFECT_HOME=str(home),
+                PREFECT_SERVER_ANALYTICS_ENABLED="false",
+                PREFECT_UI_ENABLED=str(ui).lower(),
+                PREFECT_UI_API_URL=api,  # the UI is told the API's address, else it calls :4200
+                **settings,
             ),
             stdin=subprocess.DEVNULL,
             stdout=output,
@@ -78,8 +86,45 @@ def prefect_server(home: Path, ui: bool = False) -> Iterator[str]:
             start_new_session=True,
         )
     try:
-        api = f"http://127.0.0.1:{port}/api"
         wait_until_up(f"{api}/health", process, log, SERVER_START_SECONDS)
         yield api
     finally:
         stop(process)
+
+
+def _postgres_bindir() -> Path:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if not found:
+        pytest.fail("PostgreSQL is not installed (Debian package postgresql; ./dev setup installs it)")
+    return found[-1].parent
+
+
+@contextmanager
+def postgres_server() -> Iterator[str]:
+    """A throwaway PostgreSQL cluster on loopback (Debian's postgresql), trust auth on
+    127.0.0.1 only; yields the database URL a Prefect server takes."""
+    bindir = _postgres_bindir()
+    root = Path(tempfile.mkdtemp(prefix="compose-rollout-pg-"))
+    as_postgres: list[str] = []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        shutil.chown(root, "postgres", "postgres")
+        as_postgres = ["runuser", "-u", "postgres", "--"]
+    data, port = root / "data", free_port()
+
+    def pg(tool: str, *argv: str | Path) -> None:
+        command = [*as_postgres, str(bindir / tool), *map(str, argv)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        output = f"{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+        assert done.returncode == 0, f"{tool} failed:\n{output}\n{tail(root / 'log')}"
+
+    try:
+        pg("initdb", "-D", data, "-U", "prefect", "-A", "trust", "--no-sync")
+        listen = f"-h 127.0.0.1 -p {port} -k {root}"
+        pg("pg_ctl", "-D", data, "-l", root / "log", "-w", "-t", "60", "-o", listen, "start")
+        try:
+            pg("createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "prefect", "prefect")
+            yield f"postgresql+asyncpg://prefect@127.0.0.1:{port}/prefect"
+        finally:
+            pg("pg_ctl", "-D", data, "-m", "fast", "-w", "-t", "60", "stop")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

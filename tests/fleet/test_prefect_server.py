@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import yaml
+from playwright.sync_api import expect
 
 from compose_rollout.testbed import Testbed
 from compose_rollout.traffic import Traffic
 from tests.fleet.test_faults import assert_serving_v1, push_variant, record, wait_for_journal
 from tests.fleet.test_rollout import fleet_file, observe
 from tests.prefect_server import clean_env, free_port, prefect_server, stop, tail, wait_until_up
+from tests.prefect_ui import browser_page, start_custom_run
 
 pytestmark = pytest.mark.fleet
 
@@ -35,13 +41,7 @@ def prefect(env: dict[str, str], *argv: str) -> str:
 
 def run_and_wait(api: str, env: dict[str, str], *params: str, timeout: float = 240) -> dict[str, Any]:
     """`prefect deployment run` as a user would; wait for the run's final state."""
-    argv = ["deployment", "run", "rolling-deploy/fleet"]
-    for param in params:
-        argv += ["--param", param]
-    output = prefect(env, *argv)
-    run_id = re.search(r"UUID: ([0-9a-f-]{36})", output)
-    assert run_id, output
-    return wait_for_final(api, run_id.group(1), timeout)
+    return wait_for_final(api, start_run(env, "rolling-deploy/fleet", *params), timeout)
 
 
 def wait_for_final(api: str, run_id: str, timeout: float = 240) -> dict[str, Any]:
@@ -73,13 +73,11 @@ class Stack:
     worker_log: Path
 
 
-@pytest.fixture(scope="module")
-def stack(testbed: Testbed, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """A real Prefect server, the process work pool, `prefect deploy --all` from this
-    checkout (as the README says), and a real worker."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    files = tmp_path_factory.mktemp("stack")
-    with prefect_server(home) as api:
+@contextmanager
+def running_stack(testbed: Testbed, home: Path, files: Path, **server_settings: str) -> Iterator[Stack]:
+    """A real Prefect server (with its UI), the process work pool, `prefect deploy --all`
+    from this checkout (as the README says), and a real worker."""
+    with prefect_server(home, ui=True, **server_settings) as api:
         env = clean_env(
             PREFECT_API_URL=api,
             PREFECT_HOME=str(home),
@@ -102,6 +100,19 @@ def stack(testbed: Testbed, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             yield Stack(api, env, files / "state", log)
         finally:
             stop(worker)
+
+
+@pytest.fixture(scope="module")
+def stack(testbed: Testbed, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    # The scheduler service looks for due schedules every second instead of every minute,
+    # so a schedule made by a test is acted on at once.
+    with running_stack(
+        testbed,
+        tmp_path_factory.mktemp("prefect-home"),
+        tmp_path_factory.mktemp("stack"),
+        PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="1",
+    ) as started:
+        yield started
 
 
 @pytest.mark.timeout(600)
@@ -194,3 +205,188 @@ def test_a_push_to_the_registry_moves_the_fleet(fresh_fleet: Testbed, stack: Sta
     finally:
         bed.notify_registry_pushes(None)
         stop(receiver)
+
+
+def deployment_id(api: str, name: str = "rolling-deploy/fleet") -> str:
+    return str(httpx.get(f"{api}/deployments/name/{name}", timeout=10).raise_for_status().json()["id"])
+
+
+def start_run(env: dict[str, str], deployment: str, *params: str) -> str:
+    """`prefect deployment run NAME --param k=v ...`; the new run's ID."""
+    argv = ["deployment", "run", deployment]
+    for param in params:
+        argv += ["--param", param]
+    output = prefect(env, *argv)
+    run_id = re.search(r"UUID: ([0-9a-f-]{36})", output)
+    assert run_id, output
+    return run_id.group(1)
+
+
+def run_journal(state: Path, fleet: str, run_id: str) -> dict[str, Any]:
+    return dict(json.loads((state / fleet / "runs" / f"{run_id}.json").read_text()))
+
+
+def scheduled_run(api: str, deployment: str, parameters: dict[str, Any]) -> dict[str, Any]:
+    """Give the deployment a schedule whose first run is due in 2 s (the next one a day
+    later), as a user would in the UI or prefect.yaml; wait until Prefect's scheduler has
+    created that run and the worker has taken it; then remove the schedule."""
+    anchor = datetime.now(UTC) + timedelta(seconds=2)
+    schedule = {"interval": 86400, "anchor_date": anchor.isoformat(), "timezone": "UTC"}
+    body = [{"schedule": schedule, "active": True, "parameters": parameters, "slug": f"test-{uuid.uuid4().hex[:8]}"}]
+    created = httpx.post(f"{api}/deployments/{deployment}/schedules", json=body, timeout=10).raise_for_status()
+    schedule_id = created.json()[0]["id"]
+    try:
+        return wait_for_run(
+            api,
+            lambda r: (r.get("created_by") or {}).get("id") == schedule_id and r["state"]["type"] != "SCHEDULED",
+            timeout=90,
+        )
+    finally:  # also deletes the day-later run still waiting
+        httpx.delete(f"{api}/deployments/{deployment}/schedules/{schedule_id}", timeout=10).raise_for_status()
+
+
+@pytest.mark.timeout(400)
+def test_a_scheduled_run_without_a_tag_takes_the_policy_tag_then_does_nothing(
+    fresh_fleet: Testbed, stack: Stack, tmp_path: Path
+) -> None:
+    bed = fresh_fleet
+    for tag in ("2.1.0", "2.2.0-rc.1", "3.1.0"):  # the highest 2.x release is 2.1.0
+        push_variant(bed, tag, f"RUN echo {tag} > /www/version")
+    fleet = fleet_file(bed, tmp_path, tag_policy={"version_range": ">=2,<3"}, health={"timeout_seconds": 8})
+    deployment = deployment_id(stack.api)
+    parameters = {"fleet_file": fleet, "triggered_by": "schedule"}
+
+    first = scheduled_run(stack.api, deployment, parameters)
+    assert first["auto_scheduled"] is True and first["parameters"].get("tag") is None
+    assert wait_for_final(stack.api, first["id"])["state"]["type"] == "COMPLETED", tail(stack.worker_log)
+    chosen = bed.image_id(f"{bed.image_repository}:2.1.0")
+    assert {bed.running_image(i.name) for i in bed.instances} == {chosen}
+    moved = observe(bed)
+
+    second = scheduled_run(stack.api, deployment, parameters)
+    assert wait_for_final(stack.api, second["id"])["state"]["type"] == "COMPLETED", tail(stack.worker_log)
+    assert observe(bed) == moved  # no container recreated, no compose file written, all UP
+    found = run_journal(tmp_path / "state", "demo", second["id"])
+    assert found["status"] == "succeeded" and ":2.1.0@sha256:" in found["target"]
+    assert {r["outcome"] for r in found["records"]} == {"unchanged"}
+
+
+@pytest.mark.timeout(420)
+def test_a_run_outside_the_window_waits_for_it_and_stops_when_the_window_closes(
+    fresh_fleet: Testbed, stack: Stack, tmp_path: Path
+) -> None:
+    bed = fresh_fleet
+    before = observe(bed)
+    # A one-minute window opening at a whole minute 40 to 100 s from now (Prefect's cron
+    # has minutes, not seconds); batches of one with a pause longer than the window, so
+    # the window has closed when the second batch would start, however fast the machine.
+    opens = (datetime.now(UTC) + timedelta(seconds=100)).replace(second=0, microsecond=0)
+    window = {"cron": f"{opens.minute} {opens.hour} * * *", "duration_minutes": 1, "timezone": "UTC"}
+    fleet = fleet_file(
+        bed,
+        tmp_path,
+        maintenance_windows=[window],
+        rollout={"batch_size": 1, "pause_between_batches_seconds": 61},
+        health={"timeout_seconds": 8},
+    )
+    requested = start_run(stack.env, "rolling-deploy/fleet", f"fleet_file={fleet}", "tag=v2")
+    assert wait_for_final(stack.api, requested)["state"]["type"] == "COMPLETED", tail(stack.worker_log)
+    assert observe(bed) == before  # nothing touched outside the window
+
+    later = wait_for_run(stack.api, lambda r: r["parameters"].get("fleet_file") == fleet and r["id"] != requested, 30)
+    assert later["state"]["type"] == "SCHEDULED"
+    assert datetime.fromisoformat(later["expected_start_time"]) == opens
+    assert later["parameters"]["tag"] == "v2" and "re-scheduled" in later["parameters"]["triggered_by"]
+
+    traffic = Traffic(bed.lb_url)
+    traffic.start()
+    final = wait_for_final(stack.api, later["id"], timeout=(opens - datetime.now(UTC)).total_seconds() + 240)
+    seen = traffic.stop()
+    assert final["state"]["type"] == "FAILED", tail(stack.worker_log)
+    assert "maintenance window closed before batch 2/3" in final["state"]["message"]
+    found = run_journal(tmp_path / "state", "demo", later["id"])
+    assert found["status"] == "stopped" and found["started_at"] >= opens.timestamp()
+    outcomes = {r["name"]: r["outcome"] for r in found["records"]}
+    assert outcomes == {"app-1": "updated", "app-2": "pending", "app-3": "pending"}
+    after = observe(bed)
+    v2 = bed.image_id(f"{bed.image_repository}:v2")
+    assert after.images == before.images | {"app-1": v2}
+    assert set(after.lb.values()) == {"UP"} and seen.failed == 0, seen.failures
+
+
+@pytest.mark.timeout(400)
+def test_runs_for_one_fleet_queue_in_order_and_other_fleets_do_not_wait(
+    fresh_fleet: Testbed, stack: Stack, tmp_path: Path
+) -> None:
+    """Two fleets on the bed: left (app-1, app-2, batches of one with a long pause) behind
+    the `fleet` deployment, right (app-3) behind a second deployment made as the README
+    says (a copy of the entry in prefect.yaml)."""
+    bed = fresh_fleet
+    whole = yaml.safe_load(Path(fleet_file(bed, tmp_path / "whole")).read_text())
+
+    def subset(name: str, instances: set[str], file: str = "", **extra: Any) -> str:
+        members = [i for i in whole["instances"] if i["name"] in instances]
+        document = whole | {"name": name, "instances": members, "health": {"timeout_seconds": 8}} | extra
+        path = tmp_path / f"{file or name}.yaml"
+        path.write_text(yaml.safe_dump(document))
+        return str(path)
+
+    left = subset("left", {"app-1", "app-2"}, rollout={"batch_size": 1, "pause_between_batches_seconds": 45})
+    left_again = subset("left", {"app-1", "app-2"}, file="left-no-pause")  # the same fleet, no pause
+    right = subset("right", {"app-3"}, rollout={"allow_single_instance": True})  # app-1/2 serve meanwhile
+    project = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    entry = project["deployments"][0] | {"name": "fleet-right", "schedules": []}
+    entry["parameters"] = entry["parameters"] | {"fleet_file": right}
+    (tmp_path / "prefect.yaml").write_text(yaml.safe_dump(project | {"deployments": [entry]}))
+    prefect(stack.env, "--no-prompt", "deploy", "--all", "--prefect-file", str(tmp_path / "prefect.yaml"))
+    state = Path(whole["state_directory"])
+
+    first = start_run(stack.env, "rolling-deploy/fleet", f"fleet_file={left}", "tag=v2")
+    queued = start_run(stack.env, "rolling-deploy/fleet", f"fleet_file={left_again}", "tag=v1")
+    # Once the first run is in its pause between batches, the other fleet's run starts and ends.
+    wait_for_journal_of(state / "left", first, lambda j: record(j, "app-1").get("outcome") == "updated")
+    other = start_run(stack.env, "rolling-deploy/fleet-right", "tag=v2")
+    assert wait_for_final(stack.api, other)["state"]["type"] == "COMPLETED", tail(stack.worker_log)
+    during = run_journal(state, "left", first)
+    assert during["finished_at"] is None, "the other fleet's run waited for this fleet's run"
+    queued_now = httpx.get(f"{stack.api}/flow_runs/{queued}", timeout=10).raise_for_status().json()
+    assert queued_now["state"]["type"] in ("SCHEDULED", "PENDING"), queued_now["state"]
+
+    assert wait_for_final(stack.api, first)["state"]["type"] == "COMPLETED", tail(stack.worker_log)
+    assert wait_for_final(stack.api, queued)["state"]["type"] == "COMPLETED", tail(stack.worker_log)
+    ended, began = run_journal(state, "left", first)["finished_at"], run_journal(state, "left", queued)["started_at"]
+    assert began >= ended, "the queued run of the same fleet started before the first one ended"
+    v1, v2 = (bed.image_id(f"{bed.image_repository}:{tag}") for tag in ("v1", "v2"))
+    assert {i.name: bed.running_image(i.name) for i in bed.instances} == {"app-1": v1, "app-2": v1, "app-3": v2}
+    assert set(observe(bed).lb.values()) == {"UP"}
+
+
+def wait_for_journal_of(runs: Path, run_id: str, ready: Callable[[dict[str, Any]], bool]) -> None:
+    deadline = time.monotonic() + 120
+    path = runs / "runs" / f"{run_id}.json"
+    while time.monotonic() < deadline:
+        try:
+            if ready(json.loads(path.read_text())):
+                return
+        except (OSError, ValueError):  # not written yet, or caught between write and rename
+            pass
+        time.sleep(0.05)  # polling the journal the run writes (observed state)
+    raise AssertionError(f"run {run_id}'s journal {path} never reached the awaited state")
+
+
+@pytest.mark.timeout(300)
+def test_the_prefect_ui_starts_a_run_with_a_custom_tag_and_the_fleet_moves(fresh_fleet: Testbed, stack: Stack) -> None:
+    bed = fresh_fleet
+    deployment = deployment_id(stack.api)
+    with browser_page() as page:
+        run_id = start_custom_run(page, stack.api.removesuffix("/api"), deployment, "v2")
+        final = wait_for_final(stack.api, run_id)
+        assert final["state"]["type"] == "COMPLETED", tail(stack.worker_log)
+        # What the user sees on the run's page once it is done.
+        page.goto(f"{stack.api.removesuffix('/api')}/v2/runs/flow-run/{run_id}", wait_until="domcontentloaded")
+        expect(page.get_by_text("Completed").first).to_be_visible()
+    assert final["parameters"]["tag"] == "v2"
+    assert final["parameters"]["fleet_file"] == stack.env["COMPOSE_ROLLOUT_FLEET"]  # the deployment's default
+    v2 = bed.image_id(f"{bed.image_repository}:v2")
+    assert {bed.running_image(i.name) for i in bed.instances} == {v2}
+    assert set(observe(bed).lb.values()) == {"UP"}

@@ -1,0 +1,75 @@
+"""Driving the Prefect server's UI (3.9, its default React UI under /v2) in Debian's
+headless Chromium with Playwright, as a user would: no API shortcuts for what the
+user clicks. Playwright's own browser download is never used."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Page, Response, expect, sync_playwright
+
+CHROMIUM = Path("/usr/bin/chromium")
+# Headless, as root, on a machine whose outside network is closed: no sandbox, and none
+# of Chromium's background connections (which would be refused, many at a time).
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+STEP_TIMEOUT_MS = 30_000
+
+
+@contextmanager
+def browser_page() -> Iterator[Page]:
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (./dev setup does)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(STEP_TIMEOUT_MS)
+            yield page
+        finally:
+            browser.close()
+
+
+def start_custom_run(page: Page, server: str, deployment_id: str, tag: str) -> str:
+    """Deployment page -> Run -> Custom run -> type the tag -> Submit. `server` is the
+    server's root URL. Returns the ID of the run the UI created."""
+    ui = f"{server.rstrip('/')}/v2"
+    page.goto(f"{ui}/deployments/deployment/{deployment_id}", wait_until="domcontentloaded")
+    page.get_by_role("button", name="Run", exact=True).click()
+    page.get_by_role("menuitem", name="Custom run").click()
+    page.wait_for_url(re.compile(rf"/deployments/deployment/{deployment_id}/run"))
+    expect(page.get_by_role("heading", name="Parameters")).to_be_visible()
+
+    # `tag: str | None` renders as a switch between "str" and "None" ("None" chosen):
+    # choosing "str" shows its (unlabelled) text box, inside the field labelled "tag".
+    label = page.get_by_text(re.compile(r"^tag(\s*\(Optional\))?$"))
+    field = page.locator("div").filter(has=label).filter(has=page.get_by_role("tablist")).last
+    field.get_by_role("tab", name="str", exact=True).click()
+    box = field.get_by_role("tabpanel", name="str").get_by_role("textbox")
+    box.fill(tag)
+    expect(box).to_have_value(tag)
+
+    def created(response: Response) -> bool:
+        request = response.request
+        return request.method == "POST" and request.url.endswith(f"/deployments/{deployment_id}/create_flow_run")
+
+    with page.expect_response(created) as answer:
+        page.get_by_role("button", name="Submit", exact=True).click()
+    response = answer.value
+    assert response.status == 201, f"the UI's create_flow_run failed: {response.status} {response.text()[:500]}"
+    run_id = str(response.json()["id"])
+    # The confirmation the user sees links to that run.
+    link = page.get_by_role("link", name="View run")
+    expect(link).to_have_attribute("href", re.compile(rf"/runs/flow-run/{run_id}$"))
+    return run_id
