@@ -30,7 +30,7 @@ from compose_rollout.errors import (
     WaitTimeout,
 )
 from compose_rollout.haproxy import HaproxyClient, ServerState
-from compose_rollout.images import ImageRef, parse_reference
+from compose_rollout.images import ImageRef, parse_reference, validate_tag
 from compose_rollout.ledger import InstanceRecord, Ledger
 from compose_rollout.remote import Executor, SshHost
 
@@ -239,7 +239,7 @@ def target_image(fleet: Fleet, tag: str | None, image: str | None) -> ImageRef:
         if ref.tag is None and ref.digest is None:
             raise RolloutError(f"image {image!r} has neither tag nor digest; name the version to deploy")
         return ref
-    return parse_reference(f"{fleet.image_repository}:{tag}")
+    return parse_reference(f"{fleet.image_repository}:{validate_tag(str(tag))}")
 
 
 # --- preflight -------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
@@ -24,6 +24,7 @@ from prefect.deployments import run_deployment
 from prefect.futures import PrefectFuture
 from prefect.runtime import deployment as deployment_runtime
 from prefect.runtime import flow_run
+from pydantic import Field
 
 from compose_rollout import lock, procedure, windows
 from compose_rollout.config import Fleet, load_fleet
@@ -339,12 +340,23 @@ def _deploy(
             raise error if isinstance(error, StepFailed) else StepFailed(failed, ledger[failed].step, error)
 
 
+# The tag grammar (images.TAG_RE) as a JSON-schema pattern: the UI's run form and the
+# server (enforce_parameter_schema) refuse a malformed tag before a run exists. Only in
+# the schema: a direct call gets images.validate_tag's plainer message instead.
+TAG_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"
+
+
 @flow(name="rolling-deploy", validate_parameters=True)
 def rolling_deploy(
     fleet_file: str,
-    tag: str | None = None,
+    tag: Annotated[str | None, Field(json_schema_extra={"pattern": TAG_PATTERN})] = None,
     image: str | None = None,
     batch_size: int | str | None = None,
+    canary: bool | None = None,
+    pause_between_batches_seconds: Annotated[float | None, Field(ge=0, le=3600)] = None,
+    drain_timeout_seconds: Annotated[float | None, Field(gt=0, le=86400)] = None,
+    on_drain_timeout: Literal["fail", "proceed"] | None = None,
+    on_locked: Literal["fail", "wait"] | None = None,
     urgent: bool = False,
     triggered_by: str = "python",
 ) -> list[dict[str, Any]]:
@@ -352,16 +364,34 @@ def rolling_deploy(
 
     Args:
         fleet_file: Path of the fleet YAML file on the machine running the flow.
-        tag: Image tag to deploy, in the fleet's image_repository. Empty: chosen by the
-            fleet's tag_policy from the registry (e.g. the highest 1.x).
+        tag: Image tag to deploy, in the fleet's image_repository (letters, digits, _.-).
+            Empty: chosen by the fleet's tag_policy from the registry (e.g. the highest 1.x).
         image: A full image reference instead of a tag (e.g. to switch repository).
-        batch_size: Overrides rollout.batch_size: a count or a percentage like "25%".
+        batch_size: Instances updated at once: a count (1) or a percentage like "25%".
+            Empty: the fleet file's rollout.batch_size.
+        canary: Update one instance alone first, whatever the batch size. Empty: the fleet file's.
+        pause_between_batches_seconds: Wait between two batches. Empty: the fleet file's.
+        drain_timeout_seconds: How long to wait for an instance's active requests to finish
+            after draining it. Empty: the fleet file's (130 s by default).
+        on_drain_timeout: When requests outlast the drain timeout: "fail" aborts and rolls
+            back, "proceed" cuts them and goes on. Empty: the fleet file's ("fail").
+        on_locked: When another run holds the fleet: "fail" at once, or "wait" for it.
+            Empty: the fleet file's ("fail").
         urgent: Deploy now even outside the fleet's maintenance windows.
         triggered_by: Who or what started the run, for the record.
     """
     logger = get_run_logger()
-    overrides: dict[str, Any] = {"rollout": {"batch_size": batch_size}} if batch_size is not None else {}
-    fleet = load_fleet(fleet_file, **overrides)
+    knobs = {
+        "batch_size": batch_size,
+        "canary": canary,
+        "pause_between_batches_seconds": pause_between_batches_seconds,
+        "drain_timeout_seconds": drain_timeout_seconds,
+        "on_drain_timeout": on_drain_timeout,
+        "on_locked": on_locked,
+    }
+    policy = {name: value for name, value in knobs.items() if value is not None}
+    fleet = load_fleet(fleet_file, **({"rollout": policy} if policy else {}))
+    requested = {"fleet_file": fleet_file, "tag": tag, "image": image, **policy}  # as asked: a policy re-decides later
     if not tag and not image:
         if fleet.tag_policy is None:
             raise ConfigError("give a tag or an image (or set tag_policy in the fleet file to choose one)")
@@ -375,7 +405,7 @@ def rolling_deploy(
         time.sleep(early)
     when = windows.scheduled_start(fleet.maintenance_windows, datetime.now(UTC), urgent=urgent)
     if when is not None:
-        return _outside_window(fleet, when, fleet_file, tag if image is None else None, image, batch_size, triggered_by)
+        return _outside_window(fleet, when, requested, triggered_by)
     run_id = str(flow_run.get_id() or f"local-{int(time.time())}")
     holder = lock.me(run_id, str(target))
     ledger = Ledger(
@@ -449,23 +479,17 @@ def rolling_deploy(
 
 
 def _outside_window(
-    fleet: Fleet,
-    when: datetime,
-    fleet_file: str,
-    tag: str | None,
-    image: str | None,
-    batch_size: int | str | None,
-    triggered_by: str,
+    fleet: Fleet, when: datetime, parameters: dict[str, Any], triggered_by: str
 ) -> list[dict[str, Any]]:
-    """Outside every maintenance window: a deployment's run re-schedules itself for the
-    next window start; a direct call (CLI, Python) is refused with that time."""
+    """Outside every maintenance window: a deployment's run re-schedules itself, with the
+    same `parameters`, for the next window start; a direct call (CLI, Python) is refused
+    with that time."""
     deployment = deployment_runtime.get_id()
     if deployment is None:
         raise RolloutError(
             f"fleet {fleet.name} is outside its maintenance windows; the next one starts "
             f"{when:%Y-%m-%d %H:%M} UTC. Deploy then, or now with urgent (--urgent)."
         )
-    parameters = {"fleet_file": fleet_file, "tag": tag, "image": image, "batch_size": batch_size}
     scheduled = run_deployment(
         name=deployment,
         parameters={**parameters, "triggered_by": f"{triggered_by} (re-scheduled to a window)"},

@@ -122,7 +122,16 @@ def test_prefect_deploy_all_and_a_real_worker_move_the_fleet(fresh_fleet: Testbe
     deployment = httpx.get(f"{stack.api}/deployments/name/rolling-deploy/fleet", timeout=10).raise_for_status().json()
     assert deployment["global_concurrency_limit"]["limit"] == 1 and deployment["enforce_parameter_schema"] is True
     assert deployment["concurrency_options"]["collision_strategy"] == "ENQUEUE"
-    assert "tag" in deployment["parameter_openapi_schema"]["properties"]
+    form = deployment["parameter_openapi_schema"]["properties"]  # what the UI's run form shows
+    for knob in ("tag", "batch_size", "canary", "drain_timeout_seconds", "on_drain_timeout", "on_locked", "urgent"):
+        assert form[knob]["description"], knob
+
+    # A malformed tag is refused by the server (the deployment enforces the schema): no run exists.
+    argv = [*PREFECT, "deployment", "run", "rolling-deploy/fleet", "--param", "tag=v1;rm -rf /"]
+    refused = subprocess.run(argv, env=stack.env, cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert refused.returncode != 0, refused.stdout
+    runs = httpx.post(f"{stack.api}/flow_runs/filter", json={"limit": 200}, timeout=10).raise_for_status().json()
+    assert not [run for run in runs if run["parameters"].get("tag") == "v1;rm -rf /"]
 
     bad = run_and_wait(stack.api, stack.env, "tag=broken")
     assert bad["state"]["type"] == "FAILED", tail(stack.worker_log)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from prefect.exceptions import ParameterTypeError
 
 from compose_rollout.errors import RolloutError
 from flows.rolling_deploy import rolling_deploy
@@ -59,3 +60,19 @@ def test_a_direct_run_outside_every_window_is_refused_with_the_next_start(tmp_pa
 def test_without_a_tag_or_a_tag_policy_the_run_is_refused(tmp_path: Path) -> None:
     with pytest.raises(RolloutError, match="give a tag or an image"):
         rolling_deploy(fleet_file=write_fleet(tmp_path))
+
+
+@pytest.mark.timeout(120)
+def test_the_run_form_s_policy_knobs_override_the_fleet_file_and_are_checked_like_it(tmp_path: Path) -> None:
+    fleet = write_fleet(tmp_path, rollout={"batch_size": 1})
+    # The override reaches the fleet's own validation: two at once would empty this fleet.
+    with pytest.raises(RolloutError, match=r"rollout\.batch_size: 2 would take all 2 instances out of rotation"):
+        rolling_deploy(fleet_file=fleet, tag="v2", batch_size=2)
+    # Out-of-range or unknown values are refused by the flow's parameter schema.
+    with pytest.raises(ParameterTypeError, match="on_drain_timeout"):
+        rolling_deploy(fleet_file=fleet, tag="v2", on_drain_timeout="ignore")  # type: ignore[arg-type]
+    with pytest.raises(ParameterTypeError, match="pause_between_batches_seconds"):
+        rolling_deploy(fleet_file=fleet, tag="v2", pause_between_batches_seconds=-1)
+    with pytest.raises(RolloutError, match="invalid image tag"):
+        rolling_deploy(fleet_file=fleet, tag="v1;rm -rf /")
+    assert not (tmp_path / "state").exists()  # nothing started
