@@ -122,6 +122,10 @@ def test_prefect_deploy_all_and_a_real_worker_move_the_fleet(fresh_fleet: Testbe
     deployment = httpx.get(f"{stack.api}/deployments/name/rolling-deploy/fleet", timeout=10).raise_for_status().json()
     assert deployment["global_concurrency_limit"]["limit"] == 1 and deployment["enforce_parameter_schema"] is True
     assert deployment["concurrency_options"]["collision_strategy"] == "ENQUEUE"
+    # prefect.yaml's weekly schedule arrives as written: cron, off until turned on, no tag.
+    [weekly] = [s for s in deployment["schedules"] if s["slug"] == "weekly"]
+    assert weekly["schedule"]["cron"] == "0 3 * * 2" and weekly["active"] is False
+    assert weekly["parameters"] == {"triggered_by": "schedule"}
     form = deployment["parameter_openapi_schema"]["properties"]  # what the UI's run form shows
     for knob in ("tag", "batch_size", "canary", "drain_timeout_seconds", "on_drain_timeout", "on_locked", "urgent"):
         assert form[knob]["description"], knob
