@@ -44,24 +44,40 @@ def run_and_wait(api: str, env: dict[str, str], *params: str, timeout: float = 2
     return wait_for_final(api, start_run(env, "rolling-deploy/fleet", *params), timeout)
 
 
+def call_api(method: str, url: str, body: Any = None) -> Any:
+    """One call to Prefect's REST API, retried like Prefect's own client does on 503 (the
+    server's answer when SQLite is busy: "retry"), at most 5 times; the decoded answer."""
+    for attempt in range(5):
+        response = httpx.request(method, url, json=body, timeout=30)
+        if response.status_code != 503:
+            break
+        time.sleep(0.5 * 2**attempt)  # the back-off Prefect's client uses for a busy server
+    response.raise_for_status()
+    return response.json() if response.content else None
+
+
 def wait_for_final(api: str, run_id: str, timeout: float = 240) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        run = httpx.get(f"{api}/flow_runs/{run_id}", timeout=10).raise_for_status().json()
+        run = call_api("GET", f"{api}/flow_runs/{run_id}")
         if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
             return dict(run)
         time.sleep(0.5)  # polling the run's observed state in Prefect's API
     raise AssertionError(f"flow run {run_id} did not finish within {timeout:g} s")
 
 
-def wait_for_run(api: str, match: Callable[[dict[str, Any]], bool], timeout: float) -> dict[str, Any]:
+def wait_for_run(
+    api: str, match: Callable[[dict[str, Any]], bool], timeout: float, poll: float = 0.5
+) -> dict[str, Any]:
+    """The first run `match` accepts; `poll` small only where a latency is measured (each
+    poll is a query on the server's database, which the runs under test also write to)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        runs = httpx.post(f"{api}/flow_runs/filter", json={"limit": 200}, timeout=10).raise_for_status().json()
+        runs = call_api("POST", f"{api}/flow_runs/filter", {"limit": 200})
         found = [run for run in runs if match(run)]
         if found:
             return dict(found[0])
-        time.sleep(0.05)  # polling Prefect's API for the run the push should create
+        time.sleep(poll)  # polling Prefect's API for the run to appear
     raise AssertionError(f"no matching flow run within {timeout:g} s")
 
 
@@ -104,22 +120,45 @@ def running_stack(testbed: Testbed, home: Path, files: Path, **server_settings: 
 
 @pytest.fixture(scope="module")
 def stack(testbed: Testbed, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    # The scheduler service looks for due schedules every second instead of every minute,
+    # The scheduler service looks for due schedules every 2 s instead of every minute,
     # so a schedule made by a test is acted on at once.
     with running_stack(
         testbed,
         tmp_path_factory.mktemp("prefect-home"),
         tmp_path_factory.mktemp("stack"),
-        PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="1",
+        PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2",
     ) as started:
         yield started
+
+
+ACTIVE = ["SCHEDULED", "PENDING", "RUNNING", "CANCELLING", "PAUSED"]
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_running(stack: Stack) -> Iterator[None]:
+    """After each test: no schedule it made, no run still waiting or running. A test that
+    failed half-way must not leave a run that moves the next test's fleet."""
+    yield
+    for deployment in call_api("POST", f"{stack.api}/deployments/filter", {"limit": 50}):
+        for schedule in deployment["schedules"]:
+            if (schedule.get("slug") or "").startswith("test-"):
+                call_api("DELETE", f"{stack.api}/deployments/{deployment['id']}/schedules/{schedule['id']}")
+    active = {"flow_runs": {"state": {"type": {"any_": ACTIVE}}}, "limit": 200}
+    for run in call_api("POST", f"{stack.api}/flow_runs/filter", active):
+        # A running one is stopped the way the UI's Cancel does it (the worker kills it; the flow rolls back).
+        state = "CANCELLING" if run["state"]["type"] == "RUNNING" else "CANCELLED"
+        call_api("POST", f"{stack.api}/flow_runs/{run['id']}/set_state", {"state": {"type": state}, "force": True})
+    deadline = time.monotonic() + 120
+    while call_api("POST", f"{stack.api}/flow_runs/filter", active):
+        assert time.monotonic() < deadline, "runs left by the test did not stop within 120 s"
+        time.sleep(0.5)  # polling Prefect's API for the runs to end
 
 
 @pytest.mark.timeout(600)
 def test_prefect_deploy_all_and_a_real_worker_move_the_fleet(fresh_fleet: Testbed, stack: Stack) -> None:
     bed = fresh_fleet
     before = observe(bed)
-    deployment = httpx.get(f"{stack.api}/deployments/name/rolling-deploy/fleet", timeout=10).raise_for_status().json()
+    deployment = call_api("GET", f"{stack.api}/deployments/name/rolling-deploy/fleet")
     assert deployment["global_concurrency_limit"]["limit"] == 1 and deployment["enforce_parameter_schema"] is True
     assert deployment["concurrency_options"]["collision_strategy"] == "ENQUEUE"
     # prefect.yaml's weekly schedule arrives as written: cron, off until turned on, no tag.
@@ -134,7 +173,7 @@ def test_prefect_deploy_all_and_a_real_worker_move_the_fleet(fresh_fleet: Testbe
     argv = [*PREFECT, "deployment", "run", "rolling-deploy/fleet", "--param", "tag=v1;rm -rf /"]
     refused = subprocess.run(argv, env=stack.env, cwd=REPO, capture_output=True, text=True, timeout=180)
     assert refused.returncode != 0, refused.stdout
-    runs = httpx.post(f"{stack.api}/flow_runs/filter", json={"limit": 200}, timeout=10).raise_for_status().json()
+    runs = call_api("POST", f"{stack.api}/flow_runs/filter", {"limit": 200})
     assert not [run for run in runs if run["parameters"].get("tag") == "v1;rm -rf /"]
 
     bad = run_and_wait(stack.api, stack.env, "tag=broken")
@@ -207,7 +246,7 @@ def test_a_push_to_the_registry_moves_the_fleet(fresh_fleet: Testbed, stack: Sta
         bed.notify_registry_pushes(f"http://127.0.0.1:{port}/hooks/distribution", {"Authorization": [secret]})
         pushed_at = time.monotonic()
         push_variant(bed, "v3.0.0", "RUN echo v3 > /www/version")
-        run = wait_for_run(api, lambda r: r["parameters"].get("tag") == "v3.0.0", timeout=60)
+        run = wait_for_run(api, lambda r: r["parameters"].get("tag") == "v3.0.0", timeout=60, poll=0.05)
         created = time.monotonic() - pushed_at
         finished = wait_for_final(api, run["id"])
         moved = time.monotonic() - pushed_at
@@ -221,7 +260,7 @@ def test_a_push_to_the_registry_moves_the_fleet(fresh_fleet: Testbed, stack: Sta
 
 
 def deployment_id(api: str, name: str = "rolling-deploy/fleet") -> str:
-    return str(httpx.get(f"{api}/deployments/name/{name}", timeout=10).raise_for_status().json()["id"])
+    return str(call_api("GET", f"{api}/deployments/name/{name}")["id"])
 
 
 def start_run(env: dict[str, str], deployment: str, *params: str) -> str:
@@ -246,8 +285,7 @@ def scheduled_run(api: str, deployment: str, parameters: dict[str, Any]) -> dict
     anchor = datetime.now(UTC) + timedelta(seconds=2)
     schedule = {"interval": 86400, "anchor_date": anchor.isoformat(), "timezone": "UTC"}
     body = [{"schedule": schedule, "active": True, "parameters": parameters, "slug": f"test-{uuid.uuid4().hex[:8]}"}]
-    created = httpx.post(f"{api}/deployments/{deployment}/schedules", json=body, timeout=10).raise_for_status()
-    schedule_id = created.json()[0]["id"]
+    schedule_id = call_api("POST", f"{api}/deployments/{deployment}/schedules", body)[0]["id"]
     try:
         return wait_for_run(
             api,
@@ -255,7 +293,7 @@ def scheduled_run(api: str, deployment: str, parameters: dict[str, Any]) -> dict
             timeout=90,
         )
     finally:  # also deletes the day-later run still waiting
-        httpx.delete(f"{api}/deployments/{deployment}/schedules/{schedule_id}", timeout=10).raise_for_status()
+        call_api("DELETE", f"{api}/deployments/{deployment}/schedules/{schedule_id}")
 
 
 @pytest.mark.timeout(400)
@@ -362,7 +400,7 @@ def test_runs_for_one_fleet_queue_in_order_and_other_fleets_do_not_wait(
     assert wait_for_final(stack.api, other)["state"]["type"] == "COMPLETED", tail(stack.worker_log)
     during = run_journal(state, "left", first)
     assert during["finished_at"] is None, "the other fleet's run waited for this fleet's run"
-    queued_now = httpx.get(f"{stack.api}/flow_runs/{queued}", timeout=10).raise_for_status().json()
+    queued_now = call_api("GET", f"{stack.api}/flow_runs/{queued}")
     assert queued_now["state"]["type"] in ("SCHEDULED", "PENDING"), queued_now["state"]
 
     assert wait_for_final(stack.api, first)["state"]["type"] == "COMPLETED", tail(stack.worker_log)
@@ -388,11 +426,18 @@ def wait_for_journal_of(runs: Path, run_id: str, ready: Callable[[dict[str, Any]
 
 
 @pytest.mark.timeout(300)
-def test_the_prefect_ui_starts_a_run_with_a_custom_tag_and_the_fleet_moves(fresh_fleet: Testbed, stack: Stack) -> None:
+def test_the_prefect_ui_starts_a_run_with_a_custom_tag_and_the_fleet_moves(
+    fresh_fleet: Testbed, stack: Stack, tmp_path: Path
+) -> None:
     bed = fresh_fleet
     deployment = deployment_id(stack.api)
     with browser_page() as page:
-        run_id = start_custom_run(page, stack.api.removesuffix("/api"), deployment, "v2")
+        try:
+            run_id = start_custom_run(page, stack.api.removesuffix("/api"), deployment, "v2")
+        except Exception as error:
+            page.screenshot(path=tmp_path / "ui.png", full_page=True)
+            text = page.locator("body").inner_text()[:2000]
+            raise AssertionError(f"{error}\nscreenshot: {tmp_path / 'ui.png'}\npage text:\n{text}") from error
         final = wait_for_final(stack.api, run_id)
         assert final["state"]["type"] == "COMPLETED", tail(stack.worker_log)
         # What the user sees on the run's page once it is done.
