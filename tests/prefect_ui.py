@@ -28,7 +28,9 @@ STEP_TIMEOUT_MS = 30_000
 
 
 @contextmanager
-def browser_page() -> Iterator[Page]:
+def browser_page(record: list[str]) -> Iterator[Page]:
+    """A page in a fresh headless Chromium; what the page logs, and every request that
+    failed or got an error status, is appended to `record` (for a failing test's message)."""
     if not CHROMIUM.exists():
         pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (./dev setup does)")
     with sync_playwright() as playwright:
@@ -36,6 +38,10 @@ def browser_page() -> Iterator[Page]:
         try:
             page = browser.new_page()
             page.set_default_timeout(STEP_TIMEOUT_MS)
+            page.on("console", lambda message: record.append(f"console {message.type}: {message.text[:300]}"))
+            page.on("pageerror", lambda error: record.append(f"page error: {error}"))
+            page.on("requestfailed", lambda request: record.append(f"failed: {request.url} {request.failure}"))
+            page.on("response", lambda answer: answer.ok or record.append(f"{answer.status}: {answer.url}"))
             yield page
         finally:
             browser.close()

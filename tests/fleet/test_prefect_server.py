@@ -431,13 +431,17 @@ def test_the_prefect_ui_starts_a_run_with_a_custom_tag_and_the_fleet_moves(
 ) -> None:
     bed = fresh_fleet
     deployment = deployment_id(stack.api)
-    with browser_page() as page:
+    record: list[str] = []
+    with browser_page(record) as page:
         try:
             run_id = start_custom_run(page, stack.api.removesuffix("/api"), deployment, "v2")
         except Exception as error:
             page.screenshot(path=tmp_path / "ui.png", full_page=True)
             text = page.locator("body").inner_text()[:2000]
-            raise AssertionError(f"{error}\nscreenshot: {tmp_path / 'ui.png'}\npage text:\n{text}") from error
+            seen = "\n".join(record[-40:])
+            raise AssertionError(
+                f"{error}\nscreenshot: {tmp_path / 'ui.png'}\npage text:\n{text}\nbrowser:\n{seen}"
+            ) from error
         final = wait_for_final(stack.api, run_id)
         assert final["state"]["type"] == "COMPLETED", tail(stack.worker_log)
         # What the user sees on the run's page once it is done.
