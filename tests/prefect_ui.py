@@ -5,12 +5,13 @@ user clicks. Playwright's own browser download is never used."""
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Page, Response, expect, sync_playwright
+from playwright.sync_api import Locator, Page, Response, expect, sync_playwright
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Headless, as root, on a machine whose outside network is closed: no sandbox, and none
@@ -25,6 +26,36 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 STEP_TIMEOUT_MS = 30_000
+LOAD_ATTEMPTS = 3
+QUIET_SECONDS = 2.0
+
+
+def _network_state() -> tuple[list[tuple[str, str]], str]:
+    """Each interface with its operational state, and every IPv6 address (with its flags)."""
+    interfaces = Path("/sys/class/net")
+    try:
+        states = [(link.name, (link / "operstate").read_text().strip()) for link in sorted(interfaces.iterdir())]
+    except FileNotFoundError:  # an interface went away while being read: that is a change too
+        states = [("(changing)", str(time.monotonic()))]
+    addresses = Path("/proc/net/if_inet6")
+    return states, addresses.read_text() if addresses.exists() else ""
+
+
+def wait_for_quiet_network(timeout: float = 30.0) -> None:
+    """Until the host's interfaces and IPv6 addresses have not changed for QUIET_SECONDS.
+
+    The bed's containers come and go with veth interfaces, whose IPv6 link-local
+    addresses appear a moment after them; Chromium aborts every request in flight when
+    it sees the host's addresses change (net::ERR_NETWORK_CHANGED), which leaves a page
+    that was loading blank."""
+    deadline = time.monotonic() + timeout
+    last, since = _network_state(), time.monotonic()
+    while time.monotonic() - since < QUIET_SECONDS:
+        assert time.monotonic() < deadline, f"the host's network kept changing for {timeout:g} s"
+        time.sleep(0.1)  # polling the kernel's view of the interfaces (observed state)
+        now = _network_state()
+        if now != last:
+            last, since = now, time.monotonic()
 
 
 @contextmanager
@@ -47,12 +78,31 @@ def browser_page(record: list[str]) -> Iterator[Page]:
             browser.close()
 
 
-def start_custom_run(page: Page, server: str, deployment_id: str, tag: str) -> str:
+def open_ui(page: Page, url: str, ready: Locator, record: list[str]) -> None:
+    """Load `url` until `ready` shows. If the browser aborted requests of the page because
+    the host's network changed (see wait_for_quiet_network), wait for quiet and load it
+    again, at most LOAD_ATTEMPTS times; any other problem fails at `ready`'s own wait."""
+    for _ in range(LOAD_ATTEMPTS):
+        wait_for_quiet_network()
+        mark = len(record)
+        page.goto(url, wait_until="domcontentloaded")
+        deadline = time.monotonic() + STEP_TIMEOUT_MS / 1000
+        while time.monotonic() < deadline and not ready.is_visible():
+            if any("ERR_NETWORK_CHANGED" in line for line in record[mark:]):
+                break
+            page.wait_for_timeout(100)  # polling the page (observed state); lets Playwright process events
+        else:
+            break
+    expect(ready).to_be_visible()
+
+
+def start_custom_run(page: Page, server: str, deployment_id: str, tag: str, record: list[str]) -> str:
     """Deployment page -> Run -> Custom run -> type the tag -> Submit. `server` is the
     server's root URL. Returns the ID of the run the UI created."""
     ui = f"{server.rstrip('/')}/v2"
-    page.goto(f"{ui}/deployments/deployment/{deployment_id}", wait_until="domcontentloaded")
-    page.get_by_role("button", name="Run", exact=True).click()
+    run = page.get_by_role("button", name="Run", exact=True)
+    open_ui(page, f"{ui}/deployments/deployment/{deployment_id}", run, record)
+    run.click()
     page.get_by_role("menuitem", name="Custom run").click()
     page.wait_for_url(re.compile(rf"/deployments/deployment/{deployment_id}/run"))
     expect(page.get_by_role("heading", name="Parameters")).to_be_visible()

@@ -18,14 +18,13 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from playwright.sync_api import expect
 
 from compose_rollout.testbed import Testbed
 from compose_rollout.traffic import Traffic
 from tests.fleet.test_faults import assert_serving_v1, push_variant, record, wait_for_journal
 from tests.fleet.test_rollout import fleet_file, observe
 from tests.prefect_server import clean_env, free_port, prefect_server, stop, tail, wait_until_up
-from tests.prefect_ui import browser_page, start_custom_run
+from tests.prefect_ui import browser_page, open_ui, start_custom_run
 
 pytestmark = pytest.mark.fleet
 
@@ -434,7 +433,7 @@ def test_the_prefect_ui_starts_a_run_with_a_custom_tag_and_the_fleet_moves(
     record: list[str] = []
     with browser_page(record) as page:
         try:
-            run_id = start_custom_run(page, stack.api.removesuffix("/api"), deployment, "v2")
+            run_id = start_custom_run(page, stack.api.removesuffix("/api"), deployment, "v2", record)
         except Exception as error:
             page.screenshot(path=tmp_path / "ui.png", full_page=True)
             text = page.locator("body").inner_text()[:2000]
@@ -445,8 +444,12 @@ def test_the_prefect_ui_starts_a_run_with_a_custom_tag_and_the_fleet_moves(
         final = wait_for_final(stack.api, run_id)
         assert final["state"]["type"] == "COMPLETED", tail(stack.worker_log)
         # What the user sees on the run's page once it is done.
-        page.goto(f"{stack.api.removesuffix('/api')}/v2/runs/flow-run/{run_id}", wait_until="domcontentloaded")
-        expect(page.get_by_text("Completed").first).to_be_visible()
+        open_ui(
+            page,
+            f"{stack.api.removesuffix('/api')}/v2/runs/flow-run/{run_id}",
+            page.get_by_text("Completed").first,
+            record,
+        )
     assert final["parameters"]["tag"] == "v2"
     assert final["parameters"]["fleet_file"] == stack.env["COMPOSE_ROLLOUT_FLEET"]  # the deployment's default
     v2 = bed.image_id(f"{bed.image_repository}:v2")
