@@ -51,6 +51,21 @@ def wait_until_up(url: str, process: subprocess.Popen[bytes], log: Path, seconds
     pytest.fail(f"{url} did not answer within {seconds:g} s:\n{tail(log)}")
 
 
+def spawn(argv: list[str], env: dict[str, str], log: Path, cwd: Path | None = None) -> subprocess.Popen[bytes]:
+    """Start a long-running process in its own session (so `stop` ends its children too),
+    its output into `log`."""
+    with log.open("wb") as output:
+        return subprocess.Popen(
+            argv,
+            env=env,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
 def stop(process: subprocess.Popen[bytes]) -> None:
     """Stop a process started with start_new_session=True, and its children."""
     if process.poll() is None:
@@ -70,21 +85,17 @@ def prefect_server(home: Path, ui: bool = False, **settings: str) -> Iterator[st
     log = home / "server.log"
     flags = [] if ui else ["--no-ui"]
     api = f"http://127.0.0.1:{port}/api"
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            [*SERVER_COMMAND, "--host", "127.0.0.1", "--port", str(port), *flags, "--analytics-off"],
-            env=clean_env(
-                PREFECT_HOME=str(home),
-                PREFECT_SERVER_ANALYTICS_ENABLED="false",
-                PREFECT_UI_ENABLED=str(ui).lower(),
-                PREFECT_UI_API_URL=api,  # the UI is told the API's address, else it calls :4200
-                **settings,
-            ),
-            stdin=subprocess.DEVNULL,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    process = spawn(
+        [*SERVER_COMMAND, "--host", "127.0.0.1", "--port", str(port), *flags, "--analytics-off"],
+        clean_env(
+            PREFECT_HOME=str(home),
+            PREFECT_SERVER_ANALYTICS_ENABLED="false",
+            PREFECT_UI_ENABLED=str(ui).lower(),
+            PREFECT_UI_API_URL=api,  # the UI is told the API's address, else it calls :4200
+            **settings,
+        ),
+        log,
+    )
     try:
         wait_until_up(f"{api}/health", process, log, SERVER_START_SECONDS)
         yield api

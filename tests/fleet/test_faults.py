@@ -50,24 +50,34 @@ def push_variant(bed: Testbed, tag: str, *dockerfile: str) -> str:
     return digest
 
 
-def journal(state: Path) -> dict[str, Any] | None:
-    """The newest run journal under a state directory."""
-    runs = sorted((state / "demo" / "runs").glob("*.json"), key=lambda p: p.stat().st_mtime)
-    return json.loads(runs[-1].read_text()) if runs else None
+def journal(state: Path, fleet: str = "demo", run_id: str | None = None) -> dict[str, Any] | None:
+    """A run's journal under a state directory: run `run_id`'s, or else the newest."""
+    runs = state / fleet / "runs"
+    if run_id is not None:
+        path = runs / f"{run_id}.json"
+        return json.loads(path.read_text()) if path.exists() else None
+    newest = sorted(runs.glob("*.json"), key=lambda p: p.stat().st_mtime)
+    return json.loads(newest[-1].read_text()) if newest else None
 
 
-def wait_for_journal(state: Path, ready: Callable[[dict[str, Any]], bool], timeout: float = 120) -> dict[str, Any]:
+def wait_for_journal(
+    state: Path,
+    ready: Callable[[dict[str, Any]], bool],
+    timeout: float = 120,
+    fleet: str = "demo",
+    run_id: str | None = None,
+) -> dict[str, Any]:
     """Poll the run journal (observed state) until `ready` holds, with a deadline."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            found = journal(state)
+            found = journal(state, fleet, run_id)
         except (ValueError, OSError):  # caught between write and rename: read again
             found = None
         if found is not None and ready(found):
             return found
         time.sleep(0.05)
-    raise AssertionError(f"journal never reached the awaited state; last: {journal(state)}")
+    raise AssertionError(f"journal never reached the awaited state; last: {journal(state, fleet, run_id)}")
 
 
 def record(found: dict[str, Any], name: str) -> dict[str, Any]:

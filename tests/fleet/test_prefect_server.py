@@ -23,7 +23,7 @@ from compose_rollout.testbed import Testbed
 from compose_rollout.traffic import Traffic
 from tests.fleet.test_faults import assert_serving_v1, push_variant, record, wait_for_journal
 from tests.fleet.test_rollout import fleet_file, observe
-from tests.prefect_server import clean_env, free_port, prefect_server, stop, tail, wait_until_up
+from tests.prefect_server import clean_env, free_port, prefect_server, spawn, stop, tail, wait_until_up
 from tests.prefect_ui import browser_page, open_ui, start_custom_run
 
 pytestmark = pytest.mark.fleet
@@ -102,15 +102,7 @@ def running_stack(testbed: Testbed, home: Path, files: Path, **server_settings: 
         prefect(env, "work-pool", "create", "compose-rollout", "--type", "process")
         prefect(env, "--no-prompt", "deploy", "--all")
         log = files / "worker.log"
-        with log.open("wb") as output:
-            worker = subprocess.Popen(
-                [*PREFECT, "worker", "start", "--pool", "compose-rollout"],
-                env=env,
-                cwd=REPO,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        worker = spawn([*PREFECT, "worker", "start", "--pool", "compose-rollout"], env, log, cwd=REPO)
         try:
             yield Stack(api, env, files / "state", log)
         finally:
@@ -231,15 +223,7 @@ def test_a_push_to_the_registry_moves_the_fleet(fresh_fleet: Testbed, stack: Sta
         )
     )
     log = tmp_path / "receiver.log"
-    with log.open("wb") as output:
-        receiver = subprocess.Popen(
-            [sys.executable, "-m", "compose_rollout.webhooks", "--config", str(config)],
-            env=env,
-            cwd=REPO,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    receiver = spawn([sys.executable, "-m", "compose_rollout.webhooks", "--config", str(config)], env, log, cwd=REPO)
     try:
         wait_until_up(f"http://127.0.0.1:{port}/healthz", receiver, log, 30)
         bed.notify_registry_pushes(f"http://127.0.0.1:{port}/hooks/distribution", {"Authorization": [secret]})
@@ -394,7 +378,7 @@ def test_runs_for_one_fleet_queue_in_order_and_other_fleets_do_not_wait(
     first = start_run(stack.env, "rolling-deploy/fleet", f"fleet_file={left}", "tag=v2")
     queued = start_run(stack.env, "rolling-deploy/fleet", f"fleet_file={left_again}", "tag=v1")
     # Once the first run is in its pause between batches, the other fleet's run starts and ends.
-    wait_for_journal_of(state / "left", first, lambda j: record(j, "app-1").get("outcome") == "updated")
+    wait_for_journal(state, lambda j: record(j, "app-1").get("outcome") == "updated", fleet="left", run_id=first)
     other = start_run(stack.env, "rolling-deploy/fleet-right", "tag=v2")
     assert wait_for_final(stack.api, other)["state"]["type"] == "COMPLETED", tail(stack.worker_log)
     during = run_journal(state, "left", first)
@@ -409,19 +393,6 @@ def test_runs_for_one_fleet_queue_in_order_and_other_fleets_do_not_wait(
     v1, v2 = (bed.image_id(f"{bed.image_repository}:{tag}") for tag in ("v1", "v2"))
     assert {i.name: bed.running_image(i.name) for i in bed.instances} == {"app-1": v1, "app-2": v1, "app-3": v2}
     assert set(observe(bed).lb.values()) == {"UP"}
-
-
-def wait_for_journal_of(runs: Path, run_id: str, ready: Callable[[dict[str, Any]], bool]) -> None:
-    deadline = time.monotonic() + 120
-    path = runs / "runs" / f"{run_id}.json"
-    while time.monotonic() < deadline:
-        try:
-            if ready(json.loads(path.read_text())):
-                return
-        except (OSError, ValueError):  # not written yet, or caught between write and rename
-            pass
-        time.sleep(0.05)  # polling the journal the run writes (observed state)
-    raise AssertionError(f"run {run_id}'s journal {path} never reached the awaited state")
 
 
 @pytest.mark.timeout(300)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -27,7 +26,7 @@ import pytest
 import yaml
 
 from compose_rollout.webhooks import PlannedRun, PrefectApi, PrefectRuns, Push, WebhookRoute
-from tests.prefect_server import clean_env, free_port, prefect_server, stop, tail, wait_until_up
+from tests.prefect_server import clean_env, free_port, prefect_server, spawn, stop, tail, wait_until_up
 
 AUTH = "Bearer 9e7d5c3b1a0f2e4d6c8b0a1f3e5d7c9b"
 REGISTRY = "registry.example.com:5000"
@@ -175,15 +174,8 @@ def receiver(prefect: Prefect, tmp_path_factory: pytest.TempPathFactory) -> Iter
     }
     (workdir / "webhooks.yaml").write_text(yaml.safe_dump(config))
     log = workdir / "receiver.log"
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "compose_rollout.webhooks", "--config", str(workdir / "webhooks.yaml")],
-            env=clean_env(PYTHONUNBUFFERED="1"),
-            stdin=subprocess.DEVNULL,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    argv = [sys.executable, "-m", "compose_rollout.webhooks", "--config", str(workdir / "webhooks.yaml")]
+    process = spawn(argv, clean_env(PYTHONUNBUFFERED="1"), log)
     try:
         url = f"http://127.0.0.1:{port}"
         wait_until_up(f"{url}/healthz", process, log, 30)
