@@ -32,6 +32,23 @@ def runs(fleet: Fleet) -> list[Ledger]:
     return sorted(found, key=lambda ledger: ledger.started_at)
 
 
+def newer_request(fleet: Fleet, requested_at: float) -> Ledger | None:
+    """The newest run of the fleet that was asked for after `requested_at` and acted on it
+    (a refused or superseded run did not), or None.
+
+    Prefect does not keep the order of two runs its worker picks up in one poll, and a run
+    re-scheduled into a maintenance window can start after a later, urgent one: the request
+    times, not the start times, say which one is the user's latest wish.
+    """
+    for ledger in reversed(runs(fleet)):
+        if ledger.status in ("refused", "superseded"):
+            continue
+        asked = ledger.requested_at if ledger.requested_at is not None else ledger.started_at
+        if asked > requested_at:
+            return ledger
+    return None
+
+
 def rows(fleet: Fleet) -> list[dict[str, object]]:
     """One row per run, newest first, for `rollout history`."""
     table = []

@@ -19,7 +19,8 @@ from typing import Any, Literal
 
 Outcome = Literal["pending", "unchanged", "updated", "failed", "rolled back", "rollback failed"]
 # A run without a status was interrupted (killed) and must be recovered.
-RunStatus = Literal["succeeded", "rolled back", "needs attention", "recovered", "refused", "stopped"]
+# "superseded": a newer request had already run, so this older one touched nothing.
+RunStatus = Literal["succeeded", "rolled back", "needs attention", "recovered", "refused", "stopped", "superseded"]
 
 
 @dataclass
@@ -76,6 +77,9 @@ class Ledger:
     user: str = ""
     status: RunStatus | None = None
     finished_at: float | None = None
+    # When the deploy was asked for (Unix time; the Prefect run's expected start), which
+    # orders requests: an older one never undoes a newer one. None in older journals.
+    requested_at: float | None = None
     records: dict[str, InstanceRecord] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -116,6 +120,7 @@ class Ledger:
             "user": self.user,
             "status": self.status,
             "finished_at": self.finished_at,
+            "requested_at": self.requested_at,
             "records": records,
         }
 
@@ -147,6 +152,7 @@ class Ledger:
             data.get("user", ""),
             data.get("status"),
             data.get("finished_at"),
+            data.get("requested_at"),
         )
         for item in data["records"]:
             item["original"] = base64.b64decode(item["original"])

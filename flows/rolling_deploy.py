@@ -26,7 +26,7 @@ from prefect.runtime import deployment as deployment_runtime
 from prefect.runtime import flow_run
 from pydantic import Field
 
-from compose_rollout import lock, procedure, windows
+from compose_rollout import history, lock, procedure, windows
 from compose_rollout.config import Fleet, load_fleet
 from compose_rollout.errors import (
     ConfigError,
@@ -52,6 +52,10 @@ class Cancelled(RolloutError):
 
 class WindowClosed(RolloutError):
     """The maintenance window closed between two batches: stop, without rolling back."""
+
+
+class Superseded(RolloutError):
+    """A newer request for the fleet has already run: this older one must not undo it."""
 
 
 def _step(ledger: Ledger, instance: str, name: str, cancel: threading.Event, call: Any, *args: Any) -> Any:
@@ -247,6 +251,10 @@ def batches(names: list[str], size: int, canary: bool) -> list[list[str]]:
     return head + [rest[i : i + size] for i in range(0, len(rest), size)]
 
 
+def _utc(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
 def _journal(fleet: Fleet, run_id: str) -> Path:
     return Path(fleet.state_directory).expanduser() / fleet.name / "runs" / f"{run_id}.json"
 
@@ -273,7 +281,7 @@ def _recover_run(ctx: Context, run_id: str) -> None:
             "machine: recover on the machine that ran it, or check the fleet and remove the lock by hand"
         )
     old = Ledger.load(journal)
-    if old.status in ("succeeded", "rolled back", "recovered", "refused", "stopped"):
+    if old.status in ("succeeded", "rolled back", "recovered", "refused", "stopped", "superseded"):
         return
     logger.warning("run %s (to %s) did not finish; reverting what it changed first", run_id, old.target)
     for record in old.records.values():
@@ -299,6 +307,14 @@ def _deploy(
     WindowClosed when the maintenance window closes between two batches."""
     fleet = ctx.fleet
     logger = get_run_logger()
+    asked = ledger.requested_at or ledger.started_at
+    newer = history.newer_request(fleet, asked)
+    if newer is not None:
+        raise Superseded(
+            f"it was requested at {_utc(asked)}, and run {newer.run_id} ({newer.target}), requested later "
+            f"at {_utc(newer.requested_at or newer.started_at)}, has already run ({newer.status or 'interrupted'}); "
+            "an older request never undoes a newer one. Nothing was touched; start a new run to deploy it now."
+        )
     pinned, snapshots, image_id = _preflight(ctx, target)
     ledger.target = str(pinned)
     for name, found in snapshots.items():
@@ -359,6 +375,7 @@ def rolling_deploy(
     on_locked: Literal["fail", "wait"] | None = None,
     urgent: bool = False,
     triggered_by: str = "python",
+    requested_at: datetime | None = None,
 ) -> list[dict[str, Any]]:
     """Move every instance of the fleet to `tag` (or `image`), rolling back on failure.
 
@@ -379,6 +396,9 @@ def rolling_deploy(
             Empty: the fleet file's ("fail").
         urgent: Deploy now even outside the fleet's maintenance windows.
         triggered_by: Who or what started the run, for the record.
+        requested_at: When this deploy was asked for; set by a run that re-scheduled itself
+            into a maintenance window. Empty: this run's scheduled start. A request never
+            runs after a newer one for the same fleet has run (it ends "superseded").
     """
     logger = get_run_logger()
     knobs = {
@@ -391,7 +411,9 @@ def rolling_deploy(
     }
     policy = {name: value for name, value in knobs.items() if value is not None}
     fleet = load_fleet(fleet_file, **({"rollout": policy} if policy else {}))
-    requested = {"fleet_file": fleet_file, "tag": tag, "image": image, **policy}  # as asked: a policy re-decides later
+    asked = requested_at or flow_run.get_scheduled_start_time()
+    # As asked (a tag policy re-decides later), and when: a re-scheduled run keeps its place.
+    requested = {"fleet_file": fleet_file, "tag": tag, "image": image, **policy, "requested_at": asked}
     if not tag and not image:
         if fleet.tag_policy is None:
             raise ConfigError("give a tag or an image (or set tag_policy in the fleet file to choose one)")
@@ -415,6 +437,7 @@ def rolling_deploy(
         _journal(fleet, run_id),
         triggered_by=triggered_by,
         user=f"{holder.user}@{holder.hostname}",
+        requested_at=asked.timestamp(),
     )
     logger.info(
         "rolling out %s to fleet %s (%d instances), started by %s",
@@ -439,6 +462,12 @@ def rolling_deploy(
     order: list[str] = []
     try:
         _deploy(ctx, ledger, target, cancel, order, urgent)
+    except Superseded as superseded:
+        summary = f"Not deploying {target} to fleet {fleet.name}: {superseded}"
+        logger.warning(summary)
+        _publish(fleet, ledger, summary)
+        ledger.finish("superseded")
+        return []
     except WindowClosed as closed:
         summary = f"Rollout of fleet {fleet.name} to {ledger.target} stopped: {closed}"
         logger.warning(summary)

@@ -324,13 +324,17 @@ def test_a_run_outside_the_window_waits_for_it_and_stops_when_the_window_closes(
         health={"timeout_seconds": 8},
     )
     requested = start_run(stack.env, "rolling-deploy/fleet", f"fleet_file={fleet}", "tag=v2")
-    assert wait_for_final(stack.api, requested)["state"]["type"] == "COMPLETED", tail(stack.worker_log)
+    asked = wait_for_final(stack.api, requested)
+    assert asked["state"]["type"] == "COMPLETED", tail(stack.worker_log)
     assert observe(bed) == before  # nothing touched outside the window
 
     later = wait_for_run(stack.api, lambda r: r["parameters"].get("fleet_file") == fleet and r["id"] != requested, 30)
     assert later["state"]["type"] == "SCHEDULED"
     assert datetime.fromisoformat(later["expected_start_time"]) == opens
     assert later["parameters"]["tag"] == "v2" and "re-scheduled" in later["parameters"]["triggered_by"]
+    # It keeps the time of the request, so a newer deploy made meanwhile is never undone.
+    when = datetime.fromisoformat(later["parameters"]["requested_at"])
+    assert when == datetime.fromisoformat(asked["expected_start_time"])
 
     traffic = Traffic(bed.lb_url)
     traffic.start()
@@ -376,6 +380,8 @@ def test_runs_for_one_fleet_queue_in_order_and_other_fleets_do_not_wait(
     state = Path(whole["state_directory"])
 
     first = start_run(stack.env, "rolling-deploy/fleet", f"fleet_file={left}", "tag=v2")
+    # Asked for once the first runs: two runs the worker picks up in one poll start in either order.
+    wait_for_run(stack.api, lambda r: r["id"] == first and r["state"]["type"] == "RUNNING", 60)
     queued = start_run(stack.env, "rolling-deploy/fleet", f"fleet_file={left_again}", "tag=v1")
     # Once the first run is in its pause between batches, the other fleet's run starts and ends.
     wait_for_journal(state, lambda j: record(j, "app-1").get("outcome") == "updated", fleet="left", run_id=first)

@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -198,6 +199,25 @@ def test_history_records_runs_and_rollback_returns_to_the_previous_image_once(
     assert "via rollback" in lines[1] and "3 unchanged" in lines[1]
     assert "via rollback" in lines[2] and "3 updated" in lines[2] and ":v1" in lines[2]
     assert "via test" in lines[3] and "succeeded" in lines[3] and ":v2@sha256:" in lines[3]
+
+
+@pytest.mark.timeout(300)
+def test_an_older_request_that_starts_late_never_undoes_a_newer_deploy(fresh_fleet: Testbed, tmp_path: Path) -> None:
+    """As when a run re-scheduled into a window starts after an urgent deploy made
+    meanwhile, or the worker starts two queued runs out of order."""
+    bed = fresh_fleet
+    fleet = fleet_file(bed, tmp_path)
+    rolling_deploy(fleet_file=fleet, tag="v2", triggered_by="hotfix")
+    moved = observe(bed)
+
+    hour_ago = datetime.now(UTC) - timedelta(hours=1)
+    rows = rolling_deploy(fleet_file=fleet, tag="v1", triggered_by="window", requested_at=hour_ago)
+
+    assert rows == [] and observe(bed) == moved  # nothing touched, every instance serving
+    cli = [sys.executable, "-m", "compose_rollout.cli", "history", "--fleet", fleet]
+    lines = subprocess.run(cli, capture_output=True, text=True, timeout=60, check=True).stdout.splitlines()
+    assert "via window" in lines[1] and "superseded" in lines[1]
+    assert "via hotfix" in lines[2] and "succeeded" in lines[2]
 
 
 @pytest.mark.timeout(300)
