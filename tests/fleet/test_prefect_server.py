@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -399,6 +400,29 @@ def test_runs_for_one_fleet_queue_in_order_and_other_fleets_do_not_wait(
     v1, v2 = (bed.image_id(f"{bed.image_repository}:{tag}") for tag in ("v1", "v2"))
     assert {i.name: bed.running_image(i.name) for i in bed.instances} == {"app-1": v1, "app-2": v1, "app-3": v2}
     assert set(observe(bed).lb.values()) == {"UP"}
+
+
+@pytest.mark.timeout(400)
+def test_two_runs_asked_for_at_once_leave_the_fleet_on_the_newer_request(
+    fresh_fleet: Testbed, stack: Stack, tmp_path: Path
+) -> None:
+    """The worker picks both up in one poll and may start either first; they never
+    interleave, and the fleet ends on the one asked for last (v1, where it started)."""
+    bed = fresh_fleet
+    before = observe(bed)
+    fleet = fleet_file(bed, tmp_path, health={"timeout_seconds": 8})
+    url = f"{stack.api}/deployments/{deployment_id(stack.api)}/create_flow_run"
+    older, newer = (call_api("POST", url, {"parameters": {"fleet_file": fleet, "tag": t}})["id"] for t in ("v2", "v1"))
+    for run in (older, newer):
+        assert wait_for_final(stack.api, run)["state"]["type"] == "COMPLETED", tail(stack.worker_log)
+
+    assert observe(bed).images == before.images
+    journals = [run_journal(tmp_path / "state", "demo", run) for run in (older, newer)]
+    first, second = sorted(journals, key=itemgetter("started_at"))
+    assert second["started_at"] >= first["finished_at"], "the two runs of one fleet interleaved"
+    print(f"the worker started the {'newer' if first['run_id'] == newer else 'older'} request first")
+    if first["run_id"] == newer:  # the older one came too late: it touched nothing
+        assert second["status"] == "superseded" and second["records"] == []
 
 
 @pytest.mark.timeout(300)
