@@ -11,8 +11,9 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+from importlib.resources.abc import Traversable
 from pathlib import Path, PurePosixPath
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -308,6 +309,28 @@ class RegistrySettings(_Strict):
 S = TypeVar("S", bound="YamlSettings")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping with the same key twice (PyYAML would keep
+    the last silently: two `batch_size:` lines must not mean whichever comes second)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[object] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark, f"found the key {key!r} twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+class _UniqueKeyYamlSource(YamlConfigSettingsSource):
+    def _read_file(self, file_path: Path | Traversable) -> dict[str, Any]:
+        with file_path.open(encoding="utf-8") as stream:
+            return yaml.load(stream, Loader=_UniqueKeyLoader) or {}  # noqa: S506 - a SafeLoader
+
+
 class YamlSettings(BaseSettings):
     """Settings read from a YAML file and overridable from the environment (a base class).
 
@@ -324,7 +347,7 @@ class YamlSettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls))
+        return (init_settings, env_settings, _UniqueKeyYamlSource(settings_cls))
 
 
 class Fleet(YamlSettings):

@@ -202,6 +202,17 @@ def test_yaml_syntax_error_is_a_config_error(write, text: str):
         load_fleet(write(text))
 
 
+@pytest.mark.parametrize(("key", "second"), [("name", "name: other"), ("backend", "  backend: web")])
+def test_a_key_given_twice_is_refused_naming_it_and_its_line(write, key: str, second: str):
+    """PyYAML alone keeps the last of two `backend:` lines; a person meant one of them."""
+    lines = yaml.safe_dump(minimal(), sort_keys=False).splitlines()
+    first = next(number for number, line in enumerate(lines) if line.lstrip().startswith(f"{key}:"))
+    lines.insert(first + 1, second)
+    message = config_error(write("\n".join(lines) + "\n"))
+    assert f"found the key '{key}' twice" in message and "fleet.yaml" in message
+    assert f"line {first + 2}" in message  # the second one, counted from 1
+
+
 # --- environment and explicit overrides ---------------------------------------------------------------------------
 
 
