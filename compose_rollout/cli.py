@@ -1,6 +1,9 @@
 """`rollout`: deploy, plan, status and recover for a fleet file.
 
-rollout deploy --fleet FLEET --tag TAG      roll the fleet to TAG (exit 0), or roll back (exit 1)
+rollout deploy --fleet FLEET --tag TAG      roll the fleet to TAG (exit 0), or roll back (exit 1);
+                                            --batch-size, --canary, --pause, --drain-timeout,
+                                            --on-drain-timeout, --on-locked: the fleet file's
+                                            `rollout` settings, for this run
 rollout plan   --fleet FLEET --tag TAG      what would change; touches nothing
 rollout status --fleet FLEET                per instance: image, container, /health, LB
 rollout recover --fleet FLEET               revert what a killed run left half-done, unlock
@@ -75,9 +78,22 @@ def _rollback(args: argparse.Namespace) -> int:
     return _deploy(args, triggered_by=history.ROLLBACK_TRIGGER)
 
 
+# `rollout deploy` flags that override the fleet file's `rollout` section for one run.
+POLICY_FLAGS = (
+    "batch_size",
+    "canary",
+    "pause_between_batches_seconds",
+    "drain_timeout_seconds",
+    "on_drain_timeout",
+    "on_locked",
+)
+
+
 def _deploy(args: argparse.Namespace, triggered_by: str = "cli") -> int:
     # Refuse bad input at once, before paying for Prefect's start-up (the flow checks again).
-    fleet = load_fleet(args.fleet)
+    policy = {name: getattr(args, name, None) for name in POLICY_FLAGS}
+    policy = {name: value for name, value in policy.items() if value is not None}
+    fleet = load_fleet(args.fleet, **({"rollout": policy} if policy else {}))
     if args.tag or args.image or fleet.tag_policy is None:
         procedure.target_image(fleet, args.tag, args.image)
     _quiet_prefect_defaults()
@@ -89,7 +105,7 @@ def _deploy(args: argparse.Namespace, triggered_by: str = "cli") -> int:
             fleet_file=args.fleet,
             tag=args.tag,
             image=args.image,
-            batch_size=getattr(args, "batch_size", None),
+            **policy,
             urgent=getattr(args, "urgent", False),
             triggered_by=triggered_by,
         )
@@ -192,6 +208,23 @@ def parser() -> argparse.ArgumentParser:
             which.add_argument("--image", help="full image reference REPO:TAG")
         if name == "deploy":
             sub.add_argument("--batch-size", help="instances at once: a count or a percentage like 25%%")
+            sub.add_argument(
+                "--canary", action=argparse.BooleanOptionalAction, help="update one instance alone first (or not)"
+            )
+            sub.add_argument(
+                "--pause", dest="pause_between_batches_seconds", type=float, metavar="SECONDS", help="between batches"
+            )
+            sub.add_argument(
+                "--drain-timeout",
+                dest="drain_timeout_seconds",
+                type=float,
+                metavar="SECONDS",
+                help="how long a drained instance's requests may take to finish",
+            )
+            sub.add_argument(
+                "--on-drain-timeout", choices=("fail", "proceed"), help="when requests outlast it: fail, or cut them"
+            )
+            sub.add_argument("--on-locked", choices=("fail", "wait"), help="when another run holds the fleet")
             sub.add_argument("--urgent", action="store_true", help="deploy now even outside maintenance windows")
     return top
 

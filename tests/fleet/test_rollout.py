@@ -151,9 +151,13 @@ def test_cli_deploy_exits_0_on_success_and_1_with_a_summary_after_rollback(
     bed = fresh_fleet
     fleet = fleet_file(bed, tmp_path, health={"timeout_seconds": 6})
     rollout = [sys.executable, "-m", "compose_rollout.cli", "deploy", "--fleet", fleet]
-    good = subprocess.run([*rollout, "--tag", "v2"], capture_output=True, text=True, timeout=240)
+    # The fleet file says batches of one, no canary; the flags say otherwise for this run.
+    good = subprocess.run(
+        [*rollout, "--tag", "v2", "--canary", "--batch-size", "2"], capture_output=True, text=True, timeout=240
+    )
     assert good.returncode == 0, good.stderr[-2000:]
     assert good.stdout.count("updated") == 3
+    assert "batch 1/2: app-1" in good.stdout + good.stderr and "batch 2/2: app-2, app-3" in good.stdout + good.stderr
     v2 = bed.image_id(f"{bed.image_repository}:v2")
     assert {bed.running_image(i.name) for i in bed.instances} == {v2}
 
