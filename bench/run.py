@@ -23,7 +23,7 @@ import pickle
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,36 +144,41 @@ class Suite:
         return self._record(run)
 
     def shell(self, bed: Testbed) -> None:
-        missing = peers.shell_available()
-        if missing:
-            self.results.skipped.append(f"shell-script peer: {missing}")
-            return
-        bed.reset()
-        say("shell script (seed procedure by hand)")
-        image = f"{bed.image_repository}:v2"
-
-        def action() -> ActionResult:
-            outcome = peers.run_shell_script(bed, image)
-            return ActionResult(outcome.ok, "" if outcome.ok else outcome.output_tail)
-
-        run = measure(bed, "shell script", "v1 → v2", "1", action, steady_seconds=self.steady)
-        run.fleet_on_target = fleet_on(bed, "v2")
-        self._record(run)
+        self._peer(
+            bed, "shell script", "shell script (seed procedure by hand)", peers.shell_available, peers.run_shell_script
+        )
 
     def ansible(self, bed: Testbed) -> None:
-        missing = peers.ansible_available()
-        if missing:
-            self.results.skipped.append(f"Ansible peer: {missing}")
+        self._peer(
+            bed,
+            "Ansible",
+            "Ansible playbook (serial: 1, community.general.haproxy drain + wait)",
+            peers.ansible_available,
+            peers.run_ansible,
+        )
+
+    def _peer(
+        self,
+        bed: Testbed,
+        name: str,
+        description: str,
+        missing: Callable[[], str | None],
+        deploy: Callable[[Testbed, str], peers.PeerOutcome],
+    ) -> None:
+        """A peer's v1 → v2 rollout of the same fleet under the same load, or why it was skipped."""
+        absent = missing()
+        if absent:
+            self.results.skipped.append(f"{name} peer: {absent}")
             return
         bed.reset()
-        say("Ansible playbook (serial: 1, community.general.haproxy drain + wait)")
+        say(description)
         image = f"{bed.image_repository}:v2"
 
         def action() -> ActionResult:
-            outcome = peers.run_ansible(bed, image)
+            outcome = deploy(bed, image)
             return ActionResult(outcome.ok, "" if outcome.ok else outcome.output_tail)
 
-        run = measure(bed, "Ansible", "v1 → v2", "1", action, steady_seconds=self.steady)
+        run = measure(bed, name, "v1 → v2", "1", action, steady_seconds=self.steady)
         run.fleet_on_target = fleet_on(bed, "v2")
         self._record(run)
 
