@@ -43,8 +43,7 @@ def newer_request(fleet: Fleet, requested_at: float) -> Ledger | None:
     for ledger in reversed(runs(fleet)):
         if ledger.status in ("refused", "superseded"):
             continue
-        asked = ledger.requested_at if ledger.requested_at is not None else ledger.started_at
-        if asked > requested_at:
+        if ledger.asked_at > requested_at:
             return ledger
     return None
 

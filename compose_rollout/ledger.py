@@ -102,6 +102,11 @@ class Ledger:
         self.status, self.finished_at = status, time.time()
         self.save()
 
+    @property
+    def asked_at(self) -> float:
+        """When the deploy was asked for; journals older than `requested_at` count from their start."""
+        return self.requested_at if self.requested_at is not None else self.started_at
+
     def __getitem__(self, name: str) -> InstanceRecord:
         return self.records[name]
 

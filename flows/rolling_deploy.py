@@ -281,7 +281,7 @@ def _recover_run(ctx: Context, run_id: str) -> None:
             "machine: recover on the machine that ran it, or check the fleet and remove the lock by hand"
         )
     old = Ledger.load(journal)
-    if old.status in ("succeeded", "rolled back", "recovered", "refused", "stopped", "superseded"):
+    if old.status not in (None, "needs attention"):  # it ended by itself, or was recovered
         return
     logger.warning("run %s (to %s) did not finish; reverting what it changed first", run_id, old.target)
     for record in old.records.values():
@@ -307,12 +307,11 @@ def _deploy(
     WindowClosed when the maintenance window closes between two batches."""
     fleet = ctx.fleet
     logger = get_run_logger()
-    asked = ledger.requested_at or ledger.started_at
-    newer = history.newer_request(fleet, asked)
+    newer = history.newer_request(fleet, ledger.asked_at)
     if newer is not None:
         raise Superseded(
-            f"it was requested at {_utc(asked)}, and run {newer.run_id} ({newer.target}), requested later "
-            f"at {_utc(newer.requested_at or newer.started_at)}, has already run ({newer.status or 'interrupted'}); "
+            f"it was requested at {_utc(ledger.asked_at)}, and run {newer.run_id} ({newer.target}), requested later "
+            f"at {_utc(newer.asked_at)}, has already run ({newer.status or 'interrupted'}); "
             "an older request never undoes a newer one. Nothing was touched; start a new run to deploy it now."
         )
     pinned, snapshots, image_id = _preflight(ctx, target)
