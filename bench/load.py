@@ -1,6 +1,6 @@
 """Load through the load balancer with a latency for every request.
 
-`compose_rollout.traffic` counts outcomes per second but keeps no latencies, and the
+`compose_rollout.testbed.traffic` counts outcomes per second but keeps no latencies, and the
 benchmarks need p50/p99 per time window (steady state vs. during a rollout) and a
 request-rate/error curve at sub-second resolution for the timeline plot. This module
 generates the same kind of load (fast ``GET /`` loops plus slow ``/cgi-bin/slow?N``
@@ -33,7 +33,7 @@ from typing import Any
 
 import requests
 
-from compose_rollout.traffic import check_loopback_url
+from compose_rollout.testbed.traffic import check_loopback_url
 
 READY_LINE = "bench-load: started"
 MAX_RECORDED_ERRORS = 50

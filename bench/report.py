@@ -10,13 +10,10 @@ import statistics
 import subprocess
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from bench.monitor import Outage
-from bench.scenarios import FAST_INTERVAL, FAST_WORKERS, SLOW_SECONDS, SLOW_WORKERS, FloorSample, Run
-
-if TYPE_CHECKING:
-    from bench.run import Results
+from bench.scenarios import FAST_INTERVAL, FAST_WORKERS, SLOW_SECONDS, SLOW_WORKERS, FloorSample, Results, Run
 
 # A hand-written part of BENCHMARKS.md (experiments with core changes) that a rewrite keeps.
 KEEP_BEGIN = "<!-- bench:keep -->"

@@ -25,7 +25,6 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,6 +44,7 @@ from bench import peers, report  # noqa: E402 - after the environment above
 from bench.scenarios import (  # noqa: E402
     ActionResult,
     FloorSample,
+    Results,
     Run,
     attach_flow_details,
     compose_rollout_action,
@@ -55,25 +55,6 @@ from bench.scenarios import (  # noqa: E402
 from compose_rollout.testbed import Testbed  # noqa: E402
 
 log = logging.getLogger("bench")
-
-
-@dataclass
-class Results:
-    """Everything one bench run measured, for the report."""
-
-    quick: bool
-    command: str
-    started: float = field(default_factory=time.time)
-    finished: float = 0.0
-    prefect_startup: float = 0.0
-    bed_startup: dict[int, float] = field(default_factory=dict)
-    runs: list[Run] = field(default_factory=list)
-    floor: list[FloorSample] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    timeline: Run | None = None
-
-    def find(self, runner: str, label: str) -> Run | None:
-        return next((r for r in self.runs if r.runner == runner and r.label == label), None)
 
 
 def say(message: str) -> None:

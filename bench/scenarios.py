@@ -164,7 +164,7 @@ def compose_rollout_action(fleet_file: Path, tag: str) -> Callable[[], ActionRes
     """The `rolling-deploy` flow in-process, as `rollout deploy` runs it."""
 
     def action() -> ActionResult:
-        from flows.rolling_deploy import rolling_deploy
+        from compose_rollout.flows.rolling_deploy import rolling_deploy
 
         state = rolling_deploy(fleet_file=str(fleet_file), tag=tag, triggered_by="bench", return_state=True)
         flow_run_id = str(state.state_details.flow_run_id)
@@ -296,3 +296,22 @@ def fleet_on(bed: Testbed, tag: str) -> bool:
     return all(
         bed.running_image(i.name) == want and states.get(i.lb_server, {}).get("status") == "UP" for i in bed.instances
     )
+
+
+@dataclass
+class Results:
+    """Everything one bench run measured, for the report."""
+
+    quick: bool
+    command: str
+    started: float = field(default_factory=time.time)
+    finished: float = 0.0
+    prefect_startup: float = 0.0
+    bed_startup: dict[int, float] = field(default_factory=dict)
+    runs: list[Run] = field(default_factory=list)
+    floor: list[FloorSample] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    timeline: Run | None = None
+
+    def find(self, runner: str, label: str) -> Run | None:
+        return next((r for r in self.runs if r.runner == runner and r.label == label), None)

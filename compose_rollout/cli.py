@@ -20,12 +20,13 @@ import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from compose_rollout import history, procedure
-from compose_rollout.compose_file import set_image, unified_diff
+from compose_rollout import procedure
 from compose_rollout.config import Fleet, Instance, load_fleet
 from compose_rollout.errors import RolloutError
+from compose_rollout.hosts.compose_file import set_image, unified_diff
 from compose_rollout.procedure import Context
 from compose_rollout.registry import RegistryClient
+from compose_rollout.state import history
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -60,7 +61,7 @@ def _interrupt_on_sigterm() -> None:
 def _recover(args: argparse.Namespace) -> int:
     load_fleet(args.fleet)
     _quiet_prefect_defaults()
-    from flows.rolling_deploy import recover_fleet  # imports Prefect
+    from compose_rollout.flows.rolling_deploy import recover_fleet  # imports Prefect
 
     _interrupt_on_sigterm()
     print(recover_fleet(fleet_file=args.fleet))
@@ -97,7 +98,7 @@ def _deploy(args: argparse.Namespace, triggered_by: str = "cli") -> int:
     if args.tag or args.image or fleet.tag_policy is None:
         procedure.target_image(fleet, args.tag, args.image)
     _quiet_prefect_defaults()
-    from flows.rolling_deploy import rolling_deploy  # imports Prefect: only when deploying
+    from compose_rollout.flows.rolling_deploy import rolling_deploy  # imports Prefect: only when deploying
 
     _interrupt_on_sigterm()
     try:

@@ -26,8 +26,8 @@ from pydantic_settings import (
 
 from compose_rollout.errors import ConfigError
 from compose_rollout.images import validate_repository
-from compose_rollout.tag_policy import TagPolicy
-from compose_rollout.windows import MaintenanceWindows
+from compose_rollout.triggers.tag_policy import TagPolicy
+from compose_rollout.triggers.windows import MaintenanceWindows
 
 NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 # Compose service names and HAProxy backend/server names: a conservative common subset.

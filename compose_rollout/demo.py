@@ -30,9 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
+    from compose_rollout.flows.rolling_deploy import rolling_deploy
     from compose_rollout.testbed import Testbed
-    from compose_rollout.traffic import Traffic
-    from flows.rolling_deploy import rolling_deploy
+    from compose_rollout.testbed.traffic import Traffic
 
     print(f"Starting the demo fleet in {args.workdir} (Docker engine, registry, 3 instances, HAProxy)...")
     bed = Testbed(args.workdir)

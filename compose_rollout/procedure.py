@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import requests
 
-from compose_rollout import commands
-from compose_rollout.commands import ComposeVersion
-from compose_rollout.compose_file import current_image, set_image
 from compose_rollout.config import Fleet, Instance
 from compose_rollout.errors import (
     ConfigError,
@@ -29,10 +26,14 @@ from compose_rollout.errors import (
     RolloutError,
     WaitTimeout,
 )
-from compose_rollout.haproxy import HaproxyClient, ServerState
+from compose_rollout.hosts import commands
+from compose_rollout.hosts.commands import ComposeVersion
+from compose_rollout.hosts.compose_file import current_image, set_image
+from compose_rollout.hosts.ssh import Executor, SshHost
 from compose_rollout.images import ImageRef, parse_reference, validate_tag
-from compose_rollout.ledger import InstanceRecord, Ledger
-from compose_rollout.remote import Executor, SshHost
+from compose_rollout.lb.base import LoadBalancer, ServerView
+from compose_rollout.lb.haproxy import HaproxyClient
+from compose_rollout.state.journal import InstanceRecord, Ledger
 
 
 class Clock(Protocol):
@@ -69,7 +70,7 @@ class Context:
 
     fleet: Fleet
     hosts: dict[str, Executor]
-    lb: HaproxyClient
+    lb: LoadBalancer
     clock: Clock = field(default_factory=SystemClock)
     probe: HealthProbe = http_health
     compose_versions: dict[str, ComposeVersion] = field(default_factory=dict)
@@ -254,7 +255,7 @@ def preflight_instance(ctx: Context, instance: Instance) -> Snapshot:
     return found
 
 
-def preflight_lb(ctx: Context) -> dict[str, ServerState]:
+def preflight_lb(ctx: Context) -> Mapping[str, ServerView]:
     """Every instance's server exists in the LB and is UP and in rotation."""
     servers = ctx.lb.servers()
     problems = []

@@ -26,7 +26,7 @@ from prefect.runtime import deployment as deployment_runtime
 from prefect.runtime import flow_run
 from pydantic import Field
 
-from compose_rollout import history, lock, procedure, windows
+from compose_rollout import procedure
 from compose_rollout.config import Fleet, load_fleet
 from compose_rollout.errors import (
     ConfigError,
@@ -39,11 +39,13 @@ from compose_rollout.errors import (
     StepFailed,
 )
 from compose_rollout.images import ImageRef
-from compose_rollout.ledger import InstanceRecord, Ledger
 from compose_rollout.procedure import Context
 from compose_rollout.registry import RegistryClient
-from compose_rollout.tag_policy import resolve_tag
-from tasks import steps
+from compose_rollout.state import history, lock
+from compose_rollout.state.journal import InstanceRecord, Ledger
+from compose_rollout.tasks import steps
+from compose_rollout.triggers import windows
+from compose_rollout.triggers.tag_policy import resolve_tag
 
 
 class Cancelled(RolloutError):

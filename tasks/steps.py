@@ -16,8 +16,8 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from compose_rollout import procedure
-from compose_rollout.ledger import Ledger
 from compose_rollout.procedure import Context, Snapshot
+from compose_rollout.state.journal import Ledger
 
 
 def _retry_transient(task_: Any, task_run: Any, state: Any) -> bool:

@@ -23,9 +23,9 @@ from typing import Any
 import pytest
 
 from compose_rollout.errors import RolloutError
+from compose_rollout.flows.rolling_deploy import rolling_deploy
 from compose_rollout.testbed import Testbed
-from compose_rollout.traffic import Traffic, TrafficResult
-from flows.rolling_deploy import rolling_deploy
+from compose_rollout.testbed.traffic import Traffic, TrafficResult
 from tests.fleet.test_rollout import deploy_under_traffic, fleet_file, observe
 
 pytestmark = [pytest.mark.fleet, pytest.mark.usefixtures("prefect_server")]

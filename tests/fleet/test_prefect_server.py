@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from compose_rollout.testbed import Testbed
-from compose_rollout.traffic import Traffic
+from compose_rollout.testbed.traffic import Traffic
 from tests.fleet.test_faults import assert_serving_v1, push_variant, record, wait_for_journal
 from tests.fleet.test_rollout import fleet_file, observe
 from tests.prefect_server import clean_env, free_port, prefect_server, spawn, stop, tail, wait_until_up
@@ -224,7 +224,9 @@ def test_a_push_to_the_registry_moves_the_fleet(fresh_fleet: Testbed, stack: Sta
         )
     )
     log = tmp_path / "receiver.log"
-    receiver = spawn([sys.executable, "-m", "compose_rollout.webhooks", "--config", str(config)], env, log, cwd=REPO)
+    receiver = spawn(
+        [sys.executable, "-m", "compose_rollout.triggers.webhooks", "--config", str(config)], env, log, cwd=REPO
+    )
     try:
         wait_until_up(f"http://127.0.0.1:{port}/healthz", receiver, log, 30)
         bed.notify_registry_pushes(f"http://127.0.0.1:{port}/hooks/distribution", {"Authorization": [secret]})

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from compose_rollout.errors import RolloutError
+from compose_rollout.flows.rolling_deploy import rolling_deploy
 from compose_rollout.testbed import Testbed
-from flows.rolling_deploy import rolling_deploy
 from tests.fleet.test_rollout import FleetState, fleet_file, observe
 
 pytestmark = [pytest.mark.fleet, pytest.mark.usefixtures("prefect_server")]

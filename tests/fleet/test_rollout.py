@@ -19,9 +19,9 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.client.schemas.sorting import ArtifactSort
 
 from compose_rollout.errors import DeployFailed
+from compose_rollout.flows.rolling_deploy import rolling_deploy
 from compose_rollout.testbed import Testbed
-from compose_rollout.traffic import Traffic, TrafficResult
-from flows.rolling_deploy import rolling_deploy
+from compose_rollout.testbed.traffic import Traffic, TrafficResult
 
 pytestmark = [pytest.mark.fleet, pytest.mark.usefixtures("prefect_server")]
 

@@ -10,8 +10,8 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
+from compose_rollout.flows.rolling_deploy import rolling_deploy
 from compose_rollout.testbed import Testbed
-from flows.rolling_deploy import rolling_deploy
 from tests.fleet.test_rollout import fleet_file
 
 pytestmark = [pytest.mark.fleet, pytest.mark.usefixtures("prefect_server")]

@@ -21,7 +21,7 @@ import yaml
 
 from compose_rollout.testbed import HaproxyAdmin, Testbed
 from compose_rollout.testbed import registry as registry_config
-from compose_rollout.traffic import Traffic, check_loopback_url
+from compose_rollout.testbed.traffic import Traffic, check_loopback_url
 
 pytestmark = pytest.mark.fleet
 

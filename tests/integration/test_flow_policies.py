@@ -14,7 +14,7 @@ import yaml
 from prefect.exceptions import ParameterTypeError
 
 from compose_rollout.errors import RolloutError
-from flows.rolling_deploy import rolling_deploy
+from compose_rollout.flows.rolling_deploy import rolling_deploy
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from deployments.notifications import AUTOMATION_NAME
+from compose_rollout.deployments.notifications import AUTOMATION_NAME
 from tests.prefect_server import clean_env, prefect_server
 
 REPO = Path(__file__).resolve().parents[2]
@@ -71,7 +71,8 @@ def test_a_failed_rollout_sends_a_notification_with_the_summary(
         assert "prefect.flow-run.Failed" in automation["trigger"]["expect"]
 
         failing = (
-            "from flows.rolling_deploy import rolling_deploy; rolling_deploy(fleet_file='/nowhere.yaml', tag='v2')"
+            "from compose_rollout.flows.rolling_deploy import rolling_deploy; "
+            "rolling_deploy(fleet_file='/nowhere.yaml', tag='v2')"
         )
         run = subprocess.run([*python, "-c", failing], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
         assert run.returncode != 0

@@ -1,6 +1,6 @@
 """The webhook receiver against a real `prefect server start` (SQLite, its own home).
 
-Two real processes per module: the Prefect server and `python -m compose_rollout.webhooks`.
+Two real processes per module: the Prefect server and `python -m compose_rollout.triggers.webhooks`.
 A deployment of the real `rolling-deploy` flow is registered through the REST API with
 its parameter schema enforced, so a run with parameters the flow would not accept
 fails here. No worker is needed: the tests assert that the flow runs exist, with the
@@ -25,7 +25,7 @@ import httpx
 import pytest
 import yaml
 
-from compose_rollout.webhooks import PlannedRun, PrefectApi, PrefectRuns, Push, WebhookRoute
+from compose_rollout.triggers.webhooks import PlannedRun, PrefectApi, PrefectRuns, Push, WebhookRoute
 from tests.prefect_server import clean_env, free_port, prefect_server, spawn, stop, tail, wait_until_up
 
 AUTH = "Bearer 9e7d5c3b1a0f2e4d6c8b0a1f3e5d7c9b"
@@ -80,7 +80,7 @@ def prefect(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect]:
     """A real Prefect server on a free port with two deployments of `rolling-deploy`."""
     home = tmp_path_factory.mktemp("prefect-home")
     with prefect_server(home) as api:
-        from flows.rolling_deploy import rolling_deploy
+        from compose_rollout.flows.rolling_deploy import rolling_deploy
 
         schema = rolling_deploy.parameters.model_dump_for_openapi()
         # A Prefect server on a loaded machine may answer 503 while busy: retry, bounded.
@@ -138,7 +138,7 @@ class Receiver:
 
 @pytest.fixture(scope="module")
 def receiver(prefect: Prefect, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Receiver]:
-    """`python -m compose_rollout.webhooks` for three fleets: no debounce, a 1 s debounce, and
+    """`python -m compose_rollout.triggers.webhooks` for three fleets: no debounce, a 1 s debounce, and
     maintenance windows."""
     workdir = tmp_path_factory.mktemp("webhooks")
     port = free_port()
@@ -174,7 +174,7 @@ def receiver(prefect: Prefect, tmp_path_factory: pytest.TempPathFactory) -> Iter
     }
     (workdir / "webhooks.yaml").write_text(yaml.safe_dump(config))
     log = workdir / "receiver.log"
-    argv = [sys.executable, "-m", "compose_rollout.webhooks", "--config", str(workdir / "webhooks.yaml")]
+    argv = [sys.executable, "-m", "compose_rollout.triggers.webhooks", "--config", str(workdir / "webhooks.yaml")]
     process = spawn(argv, clean_env(PYTHONUNBUFFERED="1"), log)
     try:
         url = f"http://127.0.0.1:{port}"

@@ -13,8 +13,8 @@ from typing import Any
 
 from compose_rollout.config import Fleet
 from compose_rollout.errors import CommandFailed, LoadBalancerError
-from compose_rollout.haproxy import OP_RUNNING, ServerState
-from compose_rollout.remote import Result
+from compose_rollout.hosts.ssh import Result
+from compose_rollout.lb.haproxy import OP_RUNNING, ServerState
 
 
 class FakeClock:

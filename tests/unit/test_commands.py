@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from compose_rollout import commands
 from compose_rollout.config import Instance
+from compose_rollout.hosts import commands
 
 V1 = ["docker-compose"]
 V2 = ["docker", "compose"]

@@ -9,8 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ruamel.yaml import YAML
 
-from compose_rollout.compose_file import current_image, locate_image, services_of, set_image, unified_diff
 from compose_rollout.errors import ConfigError
+from compose_rollout.hosts.compose_file import current_image, locate_image, services_of, set_image, unified_diff
 from compose_rollout.images import parse_reference
 
 OLD = "ghcr.io/terrateamio/terrat-oss:1.2.3"

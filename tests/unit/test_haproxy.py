@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from compose_rollout.errors import LoadBalancerError
-from compose_rollout.haproxy import (
+from compose_rollout.lb.haproxy import (
     SHOW_STAT,
     HaproxyClient,
     ServerState,

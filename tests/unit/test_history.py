@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from compose_rollout.history import newer_request, runs_directory
-from compose_rollout.ledger import Ledger, RunStatus
+from compose_rollout.state.history import newer_request, runs_directory
+from compose_rollout.state.journal import Ledger, RunStatus
 from tests.unit.fakes import fleet
 
 

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from compose_rollout import lock
-from compose_rollout.lock import FleetLocked, Holder
 from compose_rollout.procedure import Context
+from compose_rollout.state import lock
+from compose_rollout.state.lock import FleetLocked, Holder
 from tests.unit.fakes import FakeClock, FakeHost, FakeLB, fleet
 
 

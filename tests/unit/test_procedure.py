@@ -8,10 +8,10 @@ import pytest
 
 from compose_rollout import procedure
 from compose_rollout.errors import RolloutError, WaitTimeout
-from compose_rollout.haproxy import OP_STOPPED
-from compose_rollout.ledger import InstanceRecord, Ledger
+from compose_rollout.flows.rolling_deploy import batches
+from compose_rollout.lb.haproxy import OP_STOPPED
 from compose_rollout.procedure import Context
-from flows.rolling_deploy import batches
+from compose_rollout.state.journal import InstanceRecord, Ledger
 from tests.unit.fakes import FakeClock, FakeHost, FakeLB, container_json, fleet, scripted
 
 NEW, OLD = "sha256:" + "b" * 64, "sha256:" + "a" * 64

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ValidationError
 
 from compose_rollout.errors import RegistryError
 from compose_rollout.images import ImageRef
-from compose_rollout.tag_policy import TagPolicy, parse_version, rejection_reason, resolve_tag, select_tag
+from compose_rollout.triggers.tag_policy import TagPolicy, parse_version, rejection_reason, resolve_tag, select_tag
 
 # What a real repository's tag list looks like: moving tags, CI tags, variants, pre-releases.
 REGISTRY_TAGS = [

@@ -31,8 +31,8 @@ from asgi_lifespan import LifespanManager
 from pydantic import SecretStr
 from starlette.applications import Starlette
 
-from compose_rollout.tag_policy import TagPolicy
-from compose_rollout.webhooks import (
+from compose_rollout.triggers.tag_policy import TagPolicy
+from compose_rollout.triggers.webhooks import (
     RUN_TAG,
     Coalescer,
     PlannedRun,

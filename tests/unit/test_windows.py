@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
 from compose_rollout.errors import ConfigError
-from compose_rollout.windows import (
+from compose_rollout.triggers.windows import (
     MAX_OPEN_PERIOD,
     MaintenanceWindow,
     MaintenanceWindows,

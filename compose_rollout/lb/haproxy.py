@@ -105,7 +105,7 @@ def parse_servers_state(text: str, backend: str) -> dict[str, tuple[int, int]]:
 
 
 class RemoteRunner(Protocol):
-    """What the SSH route needs from a host (remote.SshHost is one)."""
+    """What the SSH route needs from a host (hosts.ssh.SshHost is one)."""
 
     def run(self, argv: list[str], timeout: float, check: bool = True, stdin: bytes = b"") -> Any: ...
 

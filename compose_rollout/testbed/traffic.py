@@ -3,7 +3,7 @@
 Run as a separate process (so a stalled or killed orchestrator cannot stall
 the measurement, and the measurement cannot hide the orchestrator's bugs):
 
-    python -m compose_rollout.traffic --url http://127.0.0.1:18080 \\
+    python -m compose_rollout.testbed.traffic --url http://127.0.0.1:18080 \\
         --duration-seconds 120 --out results.json
 
 Fast workers GET ``/`` in a loop; slow workers GET ``/cgi-bin/slow?N``, which
@@ -272,7 +272,7 @@ def run_traffic(
 
 
 class Traffic:
-    """Runs ``python -m compose_rollout.traffic`` as a child process.
+    """Runs ``python -m compose_rollout.testbed.traffic`` as a child process.
 
     Use start() then stop() (or wait() for a run to end at its duration), or
     as a context manager (stop() on exit; the result is in ``.result``)."""
@@ -319,7 +319,7 @@ class Traffic:
         argv = [
             self.python,
             "-m",
-            "compose_rollout.traffic",
+            "compose_rollout.testbed.traffic",
             "--url",
             self.url,
             "--duration-seconds",
@@ -418,7 +418,9 @@ class Traffic:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point (see the module docstring)."""
-    parser = argparse.ArgumentParser(prog="python -m compose_rollout.traffic", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m compose_rollout.testbed.traffic", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--url", required=True, help="load balancer URL on a loopback address")
     parser.add_argument("--duration-seconds", type=float, required=True, help="hard bound on the run")
     parser.add_argument("--out", type=Path, required=True, help="where to write the JSON result")

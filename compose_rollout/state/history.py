@@ -12,7 +12,7 @@ from pathlib import Path
 
 from compose_rollout.config import Fleet
 from compose_rollout.errors import RolloutError
-from compose_rollout.ledger import Ledger
+from compose_rollout.state.journal import Ledger
 
 ROLLBACK_TRIGGER = "rollback"
 

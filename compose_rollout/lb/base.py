@@ -1,0 +1,73 @@
+"""What the procedure needs from a load balancer.
+
+The procedure, the flow and the CLI speak to this interface only; `haproxy.py` is the
+one adapter today. An adapter keeps each instance's server (`Instance.lb_server`) as
+the LB names it and answers for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Literal, Protocol
+
+ServerAction = Literal["ready", "drain"]
+
+
+class ServerView(Protocol):
+    """One server as the load balancer sees it now."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def up(self) -> bool:
+        """The LB's own health check passes, whether or not the server takes traffic."""
+        ...
+
+    @property
+    def drained(self) -> bool:
+        """Asked to take no new connections (those in flight go on)."""
+        ...
+
+    @property
+    def in_rotation(self) -> bool:
+        """Up and taking new connections."""
+        ...
+
+    @property
+    def sessions(self) -> int:
+        """Connections or requests still in flight to the server."""
+        ...
+
+    def describe(self) -> str:
+        """One line for people: check state, admin state, what is in flight."""
+        ...
+
+
+class LoadBalancer(Protocol):
+    """The instances' servers in one load balancer.
+
+    Every call is bounded by the adapter's own timeout and raises
+    `errors.LoadBalancerError` naming the LB when it cannot answer or refuses.
+    """
+
+    @property
+    def backend(self) -> str:
+        """The group of servers the fleet's instances are in, by the LB's name for it."""
+        ...
+
+    def servers(self) -> Mapping[str, ServerView]:
+        """Every server of the group, by name."""
+        ...
+
+    def server(self, name: str) -> ServerView:
+        """One server; LoadBalancerError if the group has none by that name."""
+        ...
+
+    def set_state(self, server: str, state: ServerAction) -> None:
+        """`drain`: no new connections, those in flight finish; `ready`: back in rotation."""
+        ...
+
+    def shutdown_sessions(self, server: str) -> None:
+        """Cut whatever is still in flight to `server` (`rollout.on_drain_timeout: proceed`)."""
+        ...
