@@ -8,6 +8,7 @@ finish or revert it.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import tempfile
@@ -86,21 +87,22 @@ class Ledger:
     def add(self, record: InstanceRecord) -> None:
         with self._lock:
             self.records[record.name] = record
-        self.save()
+            self._write()
 
     def update(self, name: str, **changes: Any) -> InstanceRecord:
-        """Change fields of one record and persist the journal."""
+        """Change fields of one record and persist the journal before returning."""
         with self._lock:
             record = self.records[name]
             for key, value in changes.items():
                 setattr(record, key, value)
-        self.save()
+            self._write()
         return record
 
     def finish(self, status: RunStatus) -> None:
         """Mark the run as ended (a journal without a status is an interrupted run)."""
-        self.status, self.finished_at = status, time.time()
-        self.save()
+        with self._lock:
+            self.status, self.finished_at = status, time.time()
+            self._write()
 
     @property
     def asked_at(self) -> float:
@@ -131,17 +133,28 @@ class Ledger:
 
     def save(self) -> None:
         """Write the journal atomically (no-op without a journal path)."""
+        with self._lock:
+            self._write()
+
+    def _write(self) -> None:
+        # Called with the lock held, through the rename: with batches, two instances'
+        # updates race, and a snapshot renamed after a newer one would lose a
+        # write-ahead record (a lost `restarted` makes recovery skip `up`).
         if self.journal is None:
             return
-        with self._lock:
-            payload = json.dumps(self.to_json(), indent=1)
+        payload = json.dumps(self.to_json(), indent=1)
         self.journal.parent.mkdir(parents=True, exist_ok=True)
         handle, temp = tempfile.mkstemp(dir=self.journal.parent, prefix=".journal-")
-        with os.fdopen(handle, "w") as stream:
-            stream.write(payload)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temp, self.journal)
+        try:
+            with os.fdopen(handle, "w") as stream:
+                stream.write(payload)
+                stream.flush()
+                os.fsync(stream.fileno())
+            os.replace(temp, self.journal)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise
 
     @classmethod
     def load(cls, journal: Path) -> Ledger:
