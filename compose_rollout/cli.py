@@ -6,7 +6,9 @@ rollout deploy --fleet FLEET --tag TAG      roll the fleet to TAG (exit 0), or r
                                             `rollout` settings, for this run
 rollout plan   --fleet FLEET --tag TAG      what would change; touches nothing
 rollout status --fleet FLEET                per instance: image, container, /health, LB
-rollout recover --fleet FLEET               revert what a killed run left half-done, unlock
+rollout recover --fleet FLEET               revert what a killed run left half-done, unlock;
+                                            --i-checked: release a fleet that needed a person as
+                                            it is now, or take over a holder this machine cannot see
 rollout history --fleet FLEET               every recorded run: who, when, what, result
 rollout rollback --fleet FLEET              back to the image before the last successful deploy
 """
@@ -64,7 +66,7 @@ def _recover(args: argparse.Namespace) -> int:
     from compose_rollout.flows.rolling_deploy import recover_fleet  # imports Prefect
 
     _interrupt_on_sigterm()
-    print(recover_fleet(fleet_file=args.fleet))
+    print(recover_fleet(fleet_file=args.fleet, i_checked=args.i_checked))
     return EXIT_OK
 
 
@@ -227,6 +229,13 @@ def parser() -> argparse.ArgumentParser:
             )
             sub.add_argument("--on-locked", choices=("fail", "wait"), help="when another run holds the fleet")
             sub.add_argument("--urgent", action="store_true", help="deploy now even outside maintenance windows")
+        if name == "recover":
+            sub.add_argument(
+                "--i-checked",
+                action="store_true",
+                help="you checked the fleet: release a run that needed attention as it is (no rollback), "
+                "or take over a lock whose holder this machine cannot see",
+            )
     return top
 
 

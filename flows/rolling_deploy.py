@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -261,30 +260,56 @@ def _journal(fleet: Fleet, run_id: str) -> Path:
     return Path(fleet.state_directory).expanduser() / fleet.name / "runs" / f"{run_id}.json"
 
 
-def _abandoned(fleet: Fleet) -> Callable[[lock.Holder], bool]:
-    """Whether a lock holder can be taken over: its process died on this machine, or its
-    run ended and left the lock on purpose (it needed a person)."""
+def _take_over(fleet: Fleet, i_checked: bool = False) -> lock.TakeOver:
+    """How a run judges a lock someone else holds (see `lock.acquire`).
 
-    def check(holder: lock.Holder) -> bool:
-        journal = _journal(fleet, holder.run_id)
-        ended = journal.is_file() and Ledger.load(journal).status is not None
-        return ended or holder.is_dead_local_process()
+    Taken over: a run that ended and left the lock (not one that needs a person), or an
+    interrupted run whose process is known dead here. A run that needs a person is taken
+    over only when a person says they checked (`rollout recover --i-checked`), so an
+    automatic run never rolls back over a manual fix; so is a run this machine cannot see.
+    """
 
-    return check
+    def judge(holder: lock.Holder) -> bool | str:
+        journal = _journal(fleet, holder.journal_run)
+        status = Ledger.load(journal).status if journal.is_file() else None
+        if status == "needs attention" and not i_checked:
+            return (
+                f"fleet {fleet.name} is locked: run {holder.journal_run} ended needing a person (see its journal "
+                f"{journal} and `rollout history`). Check and fix the fleet, then run "
+                "`rollout recover --fleet FLEET --i-checked` to release the lock; no run takes it over before that."
+            )
+        if status is not None:
+            return not holder.is_running_here()
+        return i_checked or holder.is_dead_local_process()
+
+    return judge
 
 
-def _recover_run(ctx: Context, run_id: str) -> None:
-    """Revert what an interrupted run changed, from its journal; DeployFailed if a person must look."""
+def _recover_run(ctx: Context, run_id: str, i_checked: bool = False) -> str:
+    """Revert what an interrupted run changed, from its journal; what was done, for a person.
+    DeployFailed if a person must look.
+
+    With `i_checked`, a run that needed a person is closed as they left it ("resolved"),
+    and a journal this machine does not have is not asked for.
+    """
     logger = get_run_logger()
     journal = _journal(ctx.fleet, run_id)
     if not journal.is_file():
+        if i_checked:
+            logger.warning("run %s has no journal on this machine; releasing its lock on your word", run_id)
+            return f"run {run_id} released on your word (its journal is not on this machine); nothing was rolled back"
         raise PreflightError(
             f"fleet {ctx.fleet.name} was left locked by run {run_id}, whose journal {journal} is not on this "
-            "machine: recover on the machine that ran it, or check the fleet and remove the lock by hand"
+            "machine: recover on the machine that ran it, or check the fleet and run "
+            "`rollout recover --fleet FLEET --i-checked`"
         )
     old = Ledger.load(journal)
+    if old.status == "needs attention" and i_checked:
+        old.finish("resolved")
+        logger.warning("run %s needed attention; a person checked the fleet: released as it is", run_id)
+        return f"run {run_id} released as a person checked the fleet; nothing was rolled back"
     if old.status not in (None, "needs attention"):  # it ended by itself, or was recovered
-        return
+        return f"run {run_id} had ended ({old.status}); nothing to revert"
     logger.warning("run %s (to %s) did not finish; reverting what it changed first", run_id, old.target)
     for record in old.records.values():
         old.records[record.name].rollback_attempted = False
@@ -300,6 +325,7 @@ def _recover_run(ctx: Context, run_id: str) -> None:
         raise DeployFailed(f"recovery of run {run_id} on fleet {ctx.fleet.name}: {note or '; '.join(problems)}")
     old.finish("recovered")
     logger.info("recovered run %s: rolled back %s", run_id, ", ".join(rolled) or "nothing (nothing was changed)")
+    return f"run {run_id} recovered; its instances are back on their previous image"
 
 
 def _deploy(
@@ -449,20 +475,20 @@ def rolling_deploy(
     )
     ctx = Context.connect(fleet)
     try:
-        stale = lock.acquire(ctx, holder, take_over=_abandoned(fleet))
+        lease = lock.acquire(ctx, holder, take_over=_take_over(fleet))
+        if lease.stale is not None:
+            # On failure the lock stays, naming the run to recover: the fleet needs that first.
+            _recover_run(ctx, lease.holder.recovers)
+            lease = lock.recovered(ctx, lease)
     except BaseException:
         ctx.close()
         raise
-    if stale is not None:
-        try:
-            _recover_run(ctx, stale.run_id)
-        except BaseException:
-            ctx.close()  # the lock stays: the fleet needs a person before any new run
-            raise
     cancel = threading.Event()
     order: list[str] = []
+    completed = False  # only the end of the success path may record "succeeded"
     try:
         _deploy(ctx, ledger, target, cancel, order, urgent)
+        completed = True
     except Superseded as superseded:
         summary = f"Not deploying {target} to fleet {fleet.name}: {superseded}"
         logger.warning(summary)
@@ -488,16 +514,10 @@ def rolling_deploy(
             raise DeployFailed(summary) from failure
         raise
     finally:
-        problems = procedure.release_all(ctx, ledger)
-        for problem in problems:
-            logger.error(problem)
-        if problems and ledger.status != "needs attention":
-            ledger.finish("needs attention")
-        if ledger.status is None:
-            ledger.finish("succeeded")
-        if ledger.status != "needs attention":  # a fleet that needs a person stays locked
-            lock.release(ctx, holder)
-        ctx.close()
+        try:
+            _end(ctx, ledger, lease.holder, completed)
+        finally:
+            ctx.close()
     moved = [r.name for r in ledger.records.values() if r.outcome == "updated"]
     summary = (
         f"Fleet {fleet.name} runs {ledger.target} on all {len(fleet.instances)} instances "
@@ -506,6 +526,34 @@ def rolling_deploy(
     logger.info(summary)
     _publish(fleet, ledger, summary)
     return _report(ledger)
+
+
+def _end(ctx: Context, ledger: Ledger, holder: lock.Holder, completed: bool) -> None:
+    """Whatever happened: every server this run drained back in rotation, then the lock.
+
+    A run that did not reach the end of its success path and recorded no outcome was
+    interrupted while it rolled back (a second Ctrl-C, SIGTERM, the journal's disk
+    full): it stays unrecorded ("interrupted") and the fleet stays locked, so `rollout
+    recover` finishes the rollback from the journal. Likewise a run that needs a person.
+    """
+    logger = get_run_logger()
+    problems = procedure.release_all(ctx, ledger)
+    for problem in problems:
+        logger.error(problem)
+    if problems and ledger.status is not None and ledger.status != "needs attention":
+        ledger.finish("needs attention")
+    if ledger.status is None and completed:
+        ledger.finish("needs attention" if problems else "succeeded")
+    if ledger.status is None:
+        logger.error(
+            "run %s was interrupted before it finished rolling back: fleet %s stays locked and may run mixed "
+            "versions. Run `rollout recover --fleet FLEET` to finish the rollback from the journal %s.",
+            ledger.run_id,
+            ctx.fleet.name,
+            ledger.journal,
+        )
+    elif ledger.status != "needs attention":  # a fleet that needs a person stays locked
+        lock.release(ctx, holder)
 
 
 def _outside_window(
@@ -533,25 +581,28 @@ def _outside_window(
 
 
 @flow(name="recover-fleet", validate_parameters=True)
-def recover_fleet(fleet_file: str) -> str:
+def recover_fleet(fleet_file: str, i_checked: bool = False) -> str:
     """Finish what an interrupted (killed) run left: revert the instances it changed, put
     every server it drained back in rotation, release the fleet's lock.
 
     Args:
         fleet_file: Path of the fleet YAML file on the machine that ran the interrupted run.
+        i_checked: A person checked the fleet: release a run that needed attention as the
+            fleet is now (nothing rolled back), and take over a lock whose holder this
+            machine cannot see (its journal, if here, is still recovered).
     """
     fleet = load_fleet(fleet_file)
     ctx = Context.connect(fleet)
     holder = lock.me(f"recover-{int(time.time())}", "recovery")
     try:
-        stale = lock.acquire(ctx, holder, take_over=_abandoned(fleet))
-        if stale is None:
-            lock.release(ctx, holder)
+        lease = lock.acquire(ctx, holder, take_over=_take_over(fleet, i_checked))
+        if lease.stale is None:
+            lock.release(ctx, lease.holder)
             return f"fleet {fleet.name} was not left locked by an interrupted run; nothing to recover"
-        _recover_run(ctx, stale.run_id)  # on failure the lock stays: the fleet needs a person
-        lock.release(ctx, holder)
+        # On failure the lock stays, naming the run: the fleet needs a person.
+        message = f"fleet {fleet.name}: {_recover_run(ctx, lease.holder.recovers, i_checked)}"
+        lock.release(ctx, lease.holder)
     finally:
         ctx.close()
-    message = f"fleet {fleet.name}: run {stale.run_id} recovered; its instances are back on their previous image"
     get_run_logger().info(message)
     return message

@@ -21,7 +21,10 @@ from typing import Any, Literal
 Outcome = Literal["pending", "unchanged", "updated", "failed", "rolled back", "rollback failed"]
 # A run without a status was interrupted (killed) and must be recovered.
 # "superseded": a newer request had already run, so this older one touched nothing.
-RunStatus = Literal["succeeded", "rolled back", "needs attention", "recovered", "refused", "stopped", "superseded"]
+# "resolved": it needed attention, and a person said they checked the fleet (recover --i-checked).
+RunStatus = Literal[
+    "succeeded", "rolled back", "needs attention", "recovered", "resolved", "refused", "stopped", "superseded"
+]
 
 
 @dataclass

@@ -111,6 +111,7 @@ def assert_serving_v1(bed: Testbed, before: Any, seen: TrafficResult) -> None:
     assert after.images == before.images
     assert after.compose == before.compose
     assert set(after.lb.values()) == {"UP"}, after.lb
+    assert after.locks == (), "the run left the fleet locked"
     assert seen.failed == 0, seen.failures
 
 
@@ -291,6 +292,40 @@ def test_ctrl_c_rolls_back_and_leaves_nothing_drained(fresh_fleet: Testbed, tmp_
     assert found is not None and found["status"] == "rolled back"
 
 
+@pytest.mark.timeout(420)
+def test_a_second_ctrl_c_during_the_rollback_leaves_the_fleet_locked_for_recover_not_succeeded(
+    fresh_fleet: Testbed, tmp_path: Path
+) -> None:
+    bed = fresh_fleet
+    before = observe(bed)
+    state = tmp_path / "state"
+    fleet = fleet_file(bed, tmp_path)
+    traffic = Traffic(bed.lb_url)
+    traffic.start()
+    with cli_deploy(fleet, "v2", tmp_path / "deploy.log") as process:
+        # app-1 moved to v2; app-2 is being updated: Ctrl-C, then Ctrl-C again once the
+        # rollback has begun (app-2 first, so app-1 is still on v2 when it stops).
+        wait_for_journal(state, lambda j: record(j, "app-2").get("drained") is True)
+        process.send_signal(signal.SIGINT)
+        wait_for_journal(state, lambda j: record(j, "app-2").get("rollback_attempted") is True)
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=180)
+    output = (tmp_path / "deploy.log").read_text()
+    assert process.returncode != 0
+    found = journal(state)
+    assert found is not None and found["status"] is None, f"recorded {found and found['status']!r}: {output[-2000:]}"
+    assert record(found, "app-1")["outcome"] == "updated"  # mixed versions: not a success, not rolled back
+    assert observe(bed).locks != (), "an interrupted rollback must leave the fleet locked"
+    assert set(observe(bed).lb.values()) == {"UP"}  # nothing left drained, even so
+    assert "rollout recover" in output
+
+    recovered = subprocess.run([*CLI, "recover", "--fleet", fleet], capture_output=True, text=True, timeout=240)
+    seen = traffic.stop()
+    assert recovered.returncode == 0, recovered.stdout[-3000:] + recovered.stderr[-3000:]
+    assert_serving_v1(bed, before, seen)
+    assert journal(state, run_id=found["run_id"])["status"] == "recovered"  # type: ignore[index]
+
+
 @pytest.mark.timeout(300)
 def test_a_second_run_for_the_same_fleet_is_refused_while_the_first_goes_on(
     fresh_fleet: Testbed, tmp_path: Path
@@ -372,3 +407,20 @@ def test_a_failed_rollback_stops_keeps_the_others_serving_and_says_what_needs_a_
     assert seen.failed == 0, seen.failures
     found = journal(state)
     assert found is not None and found["status"] == "needs attention"
+
+    # The fleet stays locked for a person: the next run (a schedule, a webhook) must not
+    # take it over and roll back over a manual fix.
+    assert observe(bed).locks != ()
+    refused = subprocess.run(
+        [*CLI, "deploy", "--fleet", fleet, "--tag", "v1"], capture_output=True, text=True, timeout=240
+    )
+    assert refused.returncode == 1
+    assert "ended needing a person" in refused.stderr and "--i-checked" in refused.stderr, refused.stderr[-2000:]
+    assert bed.running_image("app-1") == v2 and bed.running_image("app-2") == v2
+    released = subprocess.run(
+        [*CLI, "recover", "--fleet", fleet, "--i-checked"], capture_output=True, text=True, timeout=240
+    )
+    assert released.returncode == 0, released.stdout[-2000:] + released.stderr[-2000:]
+    assert "released as a person checked" in released.stdout
+    assert observe(bed).locks == () and journal(state, run_id=found["run_id"])["status"] == "resolved"  # type: ignore[index]
+    assert bed.running_image("app-1") == v2  # nothing rolled back on the person's word

@@ -32,6 +32,7 @@ class FleetState:
     containers: dict[str, str]
     images: dict[str, str]
     lb: dict[str, str]
+    locks: tuple[str, ...]  # fleet locks left beside the compose files (none between runs)
 
 
 def observe(bed: Testbed) -> FleetState:
@@ -42,6 +43,7 @@ def observe(bed: Testbed) -> FleetState:
         containers={i.name: bed.container_id(i.name) for i in bed.instances},
         images={i.name: bed.running_image(i.name) for i in bed.instances},
         lb={i.name: servers[i.lb_server]["status"] for i in bed.instances},
+        locks=tuple(sorted(str(p) for i in bed.instances for p in i.project_directory.glob(".compose-rollout-*.lock"))),
     )
 
 
