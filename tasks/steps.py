@@ -88,8 +88,14 @@ def pull(ctx: Context, instance: str, image: str) -> str:
 
 @task(name="up", task_run_name="up-{instance}", **SAFE_TO_REPEAT)
 def up(ctx: Context, instance: str, ledger: Ledger) -> None:
-    procedure.up(ctx, ctx.fleet.instance(instance), ledger)
+    checked = procedure.up(ctx, ctx.fleet.instance(instance), ledger)
     get_run_logger().info("%s: %s recreated", instance, ctx.fleet.service)
+    if not checked:
+        get_run_logger().warning(
+            "%s: the LB has no health check for its server, so 'the LB sees it UP' will not be an observation "
+            "of the new container; only compose-rollout's own health gate vouches for it",
+            instance,
+        )
 
 
 @task(name="await-healthy", task_run_name="await-healthy-{instance}", **ONCE)

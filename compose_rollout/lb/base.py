@@ -71,3 +71,10 @@ class LoadBalancer(Protocol):
     def shutdown_sessions(self, server: str) -> None:
         """Cut whatever is still in flight to `server` (`rollout.on_drain_timeout: proceed`)."""
         ...
+
+    def recheck(self, server: str) -> bool:
+        """Forget what the LB's health check saw of `server` (which is out of rotation), so
+        that the next `up` comes from checks made after this call: a container that
+        restarted faster than the check's fall count never looked down. False when the
+        LB has no health check for the server, whose `up` then observes nothing."""
+        ...

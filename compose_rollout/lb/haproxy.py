@@ -69,6 +69,11 @@ def shutdown_sessions(backend: str, server: str) -> str:
     return f"shutdown sessions server {backend}/{server}"
 
 
+def force_health_down(backend: str, server: str) -> str:
+    """The admin command that marks a server DOWN until its health check passes `rise` times."""
+    return f"set server {backend}/{server} health down"
+
+
 def show_servers_state(backend: str) -> str:
     return f"show servers state {backend}"
 
@@ -180,6 +185,13 @@ class HaproxyClient:
     def shutdown_sessions(self, server: str) -> None:
         """Cut the sessions still open on `server`."""
         self._act(shutdown_sessions(self.backend, server))
+
+    def recheck(self, server: str) -> bool:
+        """Mark `server` DOWN so HAProxy needs `rise` passing checks of what runs now."""
+        if not self.server(server).check_status:  # no `check` on this server: it never goes DOWN
+            return False
+        self._act(force_health_down(self.backend, server))
+        return True
 
     def servers(self) -> dict[str, ServerState]:
         """Every server of the backend as HAProxy sees it now."""

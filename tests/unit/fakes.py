@@ -14,7 +14,7 @@ from typing import Any
 from compose_rollout.config import Fleet
 from compose_rollout.errors import CommandFailed, LoadBalancerError
 from compose_rollout.hosts.ssh import Result
-from compose_rollout.lb.haproxy import OP_RUNNING, ServerState
+from compose_rollout.lb.haproxy import OP_RUNNING, OP_STOPPED, ServerState
 
 
 class FakeClock:
@@ -101,6 +101,7 @@ class FakeHost:
 class FakeServer:
     op_state: int = OP_RUNNING
     admin: str = "ready"
+    checks_until_up: int = 0  # after a recheck: readings until the health check passes again
     sessions: list[int] = field(default_factory=list)  # successive `scur` readings; last one sticks
 
 
@@ -108,6 +109,7 @@ class FakeLB:
     """A stateful load balancer with HaproxyClient's interface."""
 
     backend = "app"
+    rise = 2
 
     def __init__(self, names: list[str]) -> None:
         self.servers_: dict[str, FakeServer] = {name: FakeServer() for name in names}
@@ -125,6 +127,10 @@ class FakeLB:
         if name not in self.servers_:
             raise LoadBalancerError(f"no server {name}")
         server = self.servers_[name]
+        if server.checks_until_up:  # each reading stands for one more passing check
+            server.checks_until_up -= 1
+            if not server.checks_until_up:
+                server.op_state = OP_RUNNING
         admin = {"ready": 0, "drain": 0x08, "maint": 0x01}[server.admin]
         return ServerState(name, server.op_state, admin, self._sessions(server), "L7OK")
 
@@ -135,6 +141,12 @@ class FakeLB:
     def shutdown_sessions(self, server: str) -> None:
         self.actions.append(f"{server} shutdown")
         self.servers_[server].sessions = [0]
+
+    def recheck(self, server: str) -> bool:
+        self.actions.append(f"{server} recheck")
+        self.servers_[server].op_state = OP_STOPPED
+        self.servers_[server].checks_until_up = self.rise
+        return True
 
 
 def fleet(**overrides: Any) -> Fleet:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,6 +12,7 @@ from compose_rollout.errors import RolloutError, WaitTimeout
 from compose_rollout.flows.rolling_deploy import batches
 from compose_rollout.lb.haproxy import OP_STOPPED
 from compose_rollout.procedure import Context
+from compose_rollout.state import journal as journal_module
 from compose_rollout.state.journal import InstanceRecord, Ledger
 from tests.unit.fakes import FakeClock, FakeHost, FakeLB, container_json, fleet, scripted
 
@@ -156,6 +158,26 @@ def test_release_all_re_enables_every_drained_server_and_only_those() -> None:
     assert procedure.release_all(ctx, ledger) == []
     assert lb.servers_["app-1"].admin == "ready"
     assert lb.actions == ["app-1 drain", "app-1 ready"]
+
+
+def test_release_all_goes_on_when_the_journal_cannot_be_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The orchestrator's disk fills during a run: every drained server still goes back."""
+    ctx, _, lb, _ = make_context()
+    ledger = Ledger("demo", "run-1", "registry.example/demo/app:v2", tmp_path / "run-1.json")
+    for name in ("app-1", "app-2"):
+        instance = ctx.fleet.instance(name)
+        ledger.add(InstanceRecord(name, instance.compose_path, "registry.example/demo/app:v1", OLD, COMPOSE, 0o640))
+        procedure.drain(ctx, instance, ledger)
+
+    def full_disk(source: object, destination: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(journal_module.os, "replace", full_disk)
+    failures = procedure.release_all(ctx, ledger)
+    assert lb.servers_["app-1"].admin == "ready" and lb.servers_["app-2"].admin == "ready"
+    assert len(failures) == 2 and all("No space left" in failure for failure in failures)
 
 
 def test_preflight_lb_names_every_server_out_of_rotation() -> None:
