@@ -19,6 +19,7 @@ import pytest
 import requests
 import yaml
 
+from compose_rollout.config import load_fleet
 from compose_rollout.testbed import HaproxyAdmin, Testbed
 from compose_rollout.testbed import registry as registry_config
 from compose_rollout.testbed.traffic import Traffic, check_loopback_url
@@ -113,12 +114,10 @@ def test_traffic_through_the_load_balancer_has_no_failures(fresh_fleet: Testbed,
 def test_traffic_stop_lets_slow_requests_finish(fresh_fleet: Testbed) -> None:
     traffic = Traffic(fresh_fleet.lb_url, duration_seconds=60, fast_workers=1, slow_workers=2, slow_seconds=2)
     traffic.start()
-    began = time.monotonic()
     result = traffic.stop()
     # The slow requests in flight at SIGTERM completed instead of being cut off.
     assert result.failed == 0, result.failures
     assert result.slow_ok >= 2
-    assert time.monotonic() - began < 15
 
 
 def test_traffic_refuses_non_loopback_targets() -> None:
@@ -214,10 +213,7 @@ def test_reset_undoes_a_broken_rollout_and_a_registry_outage(fresh_fleet: Testbe
     instance = bed.instance("app-3")
     original = instance.compose_file.read_text()
     instance.compose_file.write_text(original.replace("demo/app:v1", "demo/app:v2"))
-    began = time.monotonic()
-    bed.compose("app-3", "up", "-d")
-    # The entrypoint stops httpd on SIGTERM, so a recreate is not a 10 s stop timeout.
-    assert time.monotonic() - began < 6
+    bed.compose("app-3", "up", "-d")  # how long a recreate takes is measured in bench/, not here
     assert bed.running_image("app-3") == bed.image_id(f"{bed.image_repository}:v2")
     _wait(lambda: _get(f"http://{instance.address}:8080/").text.strip() == "v2", 10, "app-3 to serve v2")
 
@@ -240,10 +236,13 @@ def test_reset_undoes_a_broken_rollout_and_a_registry_outage(fresh_fleet: Testbe
 
 
 @pytest.mark.timeout(60)
-def test_reset_of_an_untouched_bed_is_fast(fresh_fleet: Testbed) -> None:
-    began = time.monotonic()
-    fresh_fleet.reset()
-    assert time.monotonic() - began < 2
+def test_reset_of_an_untouched_bed_touches_nothing(fresh_fleet: Testbed) -> None:
+    bed = fresh_fleet
+    containers = {i.name: bed.container_id(i.name) for i in bed.instances}
+    composes = {i.name: i.compose_file.stat().st_mtime_ns for i in bed.instances}
+    bed.reset()
+    assert {i.name: bed.container_id(i.name) for i in bed.instances} == containers  # nothing recreated
+    assert {i.name: i.compose_file.stat().st_mtime_ns for i in bed.instances} == composes  # nothing rewritten
 
 
 @pytest.mark.timeout(60)
@@ -254,8 +253,7 @@ def test_fleet_file_describes_the_bed(testbed: Testbed, tmp_path: Path) -> None:
     assert document["rollout"] == {"batch_size": 2}
     assert [i["host"] for i in document["instances"]] == ["127.0.1.2", "127.0.1.3", "127.0.1.4"]
     assert document["instances"][0]["project_directory"] == str(testbed.instances[0].project_directory)
-    config = pytest.importorskip("compose_rollout.config")
-    fleet = config.load_fleet(path)
+    fleet = load_fleet(path)
     assert [instance.name for instance in fleet.instances] == ["app-1", "app-2", "app-3"]
     assert fleet.rollout.batch_size == 2
 
