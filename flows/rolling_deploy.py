@@ -387,6 +387,8 @@ def _deploy(
 # server (enforce_parameter_schema) refuse a malformed tag before a run exists. Only in
 # the schema: a direct call gets images.validate_tag's plainer message instead.
 TAG_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"
+# How far a caller's clock may run ahead of this machine's for `requested_at`.
+MAX_CLOCK_SKEW_SECONDS = 300
 
 
 @flow(name="rolling-deploy", validate_parameters=True)
@@ -439,6 +441,12 @@ def rolling_deploy(
     policy = {name: value for name, value in knobs.items() if value is not None}
     fleet = load_fleet(fleet_file, **({"rollout": policy} if policy else {}))
     asked = requested_at or flow_run.get_scheduled_start_time()
+    if asked.timestamp() > time.time() + MAX_CLOCK_SKEW_SECONDS:
+        # A request from the future would make every later run end "superseded".
+        raise ConfigError(
+            f"requested_at {asked.isoformat()} is in the future (now "
+            f"{datetime.now(UTC).isoformat(timespec='seconds')}); it must say when the deploy was asked for"
+        )
     # As asked (a tag policy re-decides later), and when: a re-scheduled run keeps its place.
     requested = {"fleet_file": fleet_file, "tag": tag, "image": image, **policy, "requested_at": asked}
     if not tag and not image:

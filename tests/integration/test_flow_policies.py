@@ -57,6 +57,15 @@ def test_a_direct_run_outside_every_window_is_refused_with_the_next_start(tmp_pa
 
 
 @pytest.mark.timeout(120)
+def test_a_request_time_in_the_future_is_refused_before_anything_is_touched(tmp_path: Path) -> None:
+    """Otherwise every later request would count as older and end "superseded"."""
+    fleet = write_fleet(tmp_path)
+    with pytest.raises(RolloutError, match=r"requested_at .* is in the future"):
+        rolling_deploy(fleet_file=fleet, tag="v2", requested_at=datetime.now(UTC) + timedelta(days=365))
+    assert not (tmp_path / "state").exists()  # nothing started: no journal, no lock
+
+
+@pytest.mark.timeout(120)
 def test_without_a_tag_or_a_tag_policy_the_run_is_refused(tmp_path: Path) -> None:
     with pytest.raises(RolloutError, match="give a tag or an image"):
         rolling_deploy(fleet_file=write_fleet(tmp_path))
