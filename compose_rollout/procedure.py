@@ -356,12 +356,18 @@ def restore_compose(ctx: Context, instance: Instance, record: InstanceRecord) ->
         host.write_file_atomic(instance.compose_path, record.original, record.mode)
 
 
-def up(ctx: Context, instance: Instance, ledger: Ledger) -> None:
-    """`up -d --no-deps SERVICE`: recreate the container from the compose file."""
+def up(ctx: Context, instance: Instance, ledger: Ledger) -> bool:
+    """`up -d --no-deps SERVICE`: recreate the container from the compose file.
+
+    Then the LB forgets what its check saw before (`LoadBalancer.recheck`), so the later
+    "LB sees it UP" is about the new container. Returns False when the LB has no health
+    check for the instance's server.
+    """
     timeout = ctx.fleet.compose.up_timeout_seconds
     argv = commands.compose_up(instance, compose_version(ctx, instance), ctx.fleet.service)
     ledger.update(instance.name, restarted=True, up_at=time.time())
     ctx.run(instance, commands.with_timeout(argv, timeout), timeout=timeout + 15)
+    return ctx.lb.recheck(instance.lb_server)
 
 
 def await_healthy(ctx: Context, instance: Instance, image_id: str) -> float:
@@ -437,11 +443,12 @@ def release_all(ctx: Context, ledger: Ledger) -> list[str]:
     A server whose instance is unhealthy stays out of traffic by the LB's own checks.
     """
     failures = []
-    for record in ledger.records.values():
+    for record in list(ledger.records.values()):
         if record.drained:
             try:
                 enable(ctx, ctx.fleet.instance(record.name), ledger)
-            except RolloutError as error:
+            except Exception as error:  # noqa: BLE001 - one server's failure must not stop the others'
+                # An OSError here is the journal's disk (the LB action came first).
                 failures.append(f"{record.name}: could not re-enable in the LB: {error}")
     return failures
 
