@@ -106,6 +106,14 @@ def cli_deploy(fleet: str, tag: str, out: Path) -> Iterator[subprocess.Popen[byt
                 pass
 
 
+def _wait_until(condition: Callable[[], bool], what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
 def assert_serving_v1(bed: Testbed, before: Any, seen: TrafficResult) -> None:
     after = observe(bed)
     assert after.images == before.images
@@ -252,19 +260,28 @@ def test_with_proceed_a_request_longer_than_the_drain_timeout_is_cut_and_counted
 
 
 @pytest.mark.timeout(300)
-def test_a_killed_orchestrator_is_recovered_by_rollout_recover(fresh_fleet: Testbed, tmp_path: Path) -> None:
+@pytest.mark.parametrize("moment", ["compose file written", "new container running"])
+def test_a_killed_orchestrator_is_recovered_by_rollout_recover(
+    fresh_fleet: Testbed, tmp_path: Path, moment: str
+) -> None:
     bed = fresh_fleet
     before = observe(bed)
     state = tmp_path / "state"
     fleet = fleet_file(bed, tmp_path)
+    v2 = bed.image_id(f"{bed.image_repository}:v2")
     traffic = Traffic(bed.lb_url)
     traffic.start()
     with cli_deploy(fleet, "v2", tmp_path / "deploy.log") as process:
-        # Mid-instance: app-2 drained and its compose file (maybe) written, then SIGKILL.
+        # Mid-instance: app-2 drained and its compose file (maybe) written, then SIGKILL;
+        # or later, once `up` has replaced app-2's container with the new version.
         wait_for_journal(state, lambda j: record(j, "app-2").get("file_written") is True)
+        if moment == "new container running":
+            wait_for_journal(state, lambda j: record(j, "app-2").get("restarted") is True)
+            _wait_until(lambda: bed.running_image("app-2") == v2, "app-2 to run v2")
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
-    assert bed.haproxy_server_states()["app-2"]["status"].startswith("DRAIN")  # the fault is real
+    assert int(bed.haproxy_servers_state()["app-2"]["srv_admin_state"]) & 0x08  # drained: the fault is real
+    assert observe(bed).locks != ()  # and the fleet stays locked until recovered
     recovered = subprocess.run([*CLI, "recover", "--fleet", fleet], capture_output=True, text=True, timeout=240)
     seen = traffic.stop()
     assert recovered.returncode == 0, recovered.stdout[-3000:] + recovered.stderr[-3000:]
@@ -334,10 +351,13 @@ def test_a_second_run_for_the_same_fleet_is_refused_while_the_first_goes_on(
     state = tmp_path / "state"
     fleet = fleet_file(bed, tmp_path)
     with cli_deploy(fleet, "v2", tmp_path / "first.log") as first:
-        wait_for_journal(state, lambda j: record(j, "app-1").get("drained") is True)
-        second = subprocess.run([*CLI, "deploy", "--fleet", fleet, "--tag", "v1"], capture_output=True, text=True)
+        running = wait_for_journal(state, lambda j: record(j, "app-1").get("drained") is True)
+        second = subprocess.run(
+            [*CLI, "deploy", "--fleet", fleet, "--tag", "v1"], capture_output=True, text=True, timeout=240
+        )
         first.wait(timeout=240)
-    assert second.returncode == 1 and "is locked by run" in second.stderr and "refusing to interleave" in second.stderr
+    assert second.returncode == 1 and "refusing to interleave" in second.stderr
+    assert f"is locked by run {running['run_id']} to " in second.stderr, second.stderr[-2000:]  # names the first
     assert first.returncode == 0, (tmp_path / "first.log").read_text()[-3000:]
     v2 = bed.image_id(f"{bed.image_repository}:v2")
     assert {bed.running_image(i.name) for i in bed.instances} == {v2}

@@ -22,7 +22,7 @@ import yaml
 
 from compose_rollout.testbed import Testbed
 from compose_rollout.testbed.traffic import Traffic
-from tests.fleet.test_faults import assert_serving_v1, push_variant, record, wait_for_journal
+from tests.fleet.test_faults import assert_serving_v1, journal, push_variant, record, wait_for_journal
 from tests.fleet.test_rollout import fleet_file, observe
 from tests.prefect_server import clean_env, free_port, prefect_server, spawn, stop, tail, wait_until_up
 from tests.prefect_ui import browser_page, open_ui, start_custom_run
@@ -195,6 +195,9 @@ def test_cancelling_a_run_in_prefect_rolls_it_back(fresh_fleet: Testbed, stack: 
     seen = traffic.stop()
     assert final["state"]["type"] in ("CANCELLED", "FAILED", "CRASHED"), tail(stack.worker_log)
     assert_serving_v1(bed, before, seen)
+    # Whatever state Prefect shows, the run itself rolled back and said so.
+    found = journal(stack.state, run_id=run_id.group(1))
+    assert found is not None and found["status"] == "rolled back", tail(stack.worker_log)
 
 
 @pytest.mark.timeout(300)

@@ -86,7 +86,7 @@ def test_fleet_moves_to_the_new_tag_without_a_failed_request(fresh_fleet: Testbe
         assert f"{bed.image_repository}:v2@sha256:".encode() in text
         old_line = f"{bed.image_repository}:v1".encode()
         assert text.replace(text.split(b"image: ")[1].split()[0], old_line) == before.compose[name]
-    assert set(after.lb.values()) == {"UP"}
+    assert set(after.lb.values()) == {"UP"} and after.locks == ()
     assert rows is not None and {row["result"] for row in rows} == {"updated"}
 
     assert seen.failed == 0, seen.failures
@@ -121,7 +121,7 @@ def test_a_broken_image_rolls_the_whole_fleet_back_without_a_failed_request(
     after = observe(bed)
     assert after.images == before.images  # every instance back on v1
     assert after.compose == before.compose  # byte for byte
-    assert set(after.lb.values()) == {"UP"}
+    assert set(after.lb.values()) == {"UP"} and after.locks == ()
     assert seen.failed == 0, seen.failures
 
 
