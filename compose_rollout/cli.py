@@ -29,6 +29,7 @@ from compose_rollout.hosts.compose_file import set_image, unified_diff
 from compose_rollout.procedure import Context
 from compose_rollout.registry import RegistryClient
 from compose_rollout.state import history
+from compose_rollout.state.fleet_journals import FleetJournals
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -70,13 +71,41 @@ def _recover(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _journals(fleet: Fleet) -> tuple[FleetJournals, Context]:
+    """The fleet's journals, here and on its first host (a host that cannot be reached
+    leaves this machine's, said on stderr)."""
+    ctx = Context.connect(fleet)
+    journals = FleetJournals(fleet, ctx.hosts[fleet.instances[0].name], fleet.ssh.command_timeout_seconds)
+    return journals, ctx
+
+
+def _warn_unread(journals: FleetJournals) -> None:
+    for failure in journals.failures:
+        print(
+            f"warning: the fleet's copies of the journals could not be read, showing this machine's: {failure}",
+            file=sys.stderr,
+        )
+
+
 def _history(args: argparse.Namespace) -> int:
-    print(table(history.rows(load_fleet(args.fleet))))
+    journals, ctx = _journals(load_fleet(args.fleet))
+    try:
+        rows = history.rows(journals.fleet, journals)
+    finally:
+        ctx.close()
+    _warn_unread(journals)
+    print(table(rows))
     return EXIT_OK
 
 
 def _rollback(args: argparse.Namespace) -> int:
-    args.image, args.tag = history.previous_image(load_fleet(args.fleet)), None
+    journals, ctx = _journals(load_fleet(args.fleet))
+    try:
+        previous = history.previous_image(journals.fleet, journals)
+    finally:
+        ctx.close()
+    _warn_unread(journals)
+    args.image, args.tag = previous, None
     print(f"Rolling back to {args.image}")
     return _deploy(args, triggered_by=history.ROLLBACK_TRIGGER)
 

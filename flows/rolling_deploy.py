@@ -13,7 +13,6 @@ from __future__ import annotations
 import threading
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from prefect import flow, get_run_logger, task
@@ -41,6 +40,7 @@ from compose_rollout.images import ImageRef
 from compose_rollout.procedure import Context
 from compose_rollout.registry import RegistryClient
 from compose_rollout.state import history, lock
+from compose_rollout.state.fleet_journals import FleetJournals, local_runs_directory
 from compose_rollout.state.journal import InstanceRecord, Ledger
 from compose_rollout.tasks import steps
 from compose_rollout.triggers import windows
@@ -256,11 +256,7 @@ def _utc(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def _journal(fleet: Fleet, run_id: str) -> Path:
-    return Path(fleet.state_directory).expanduser() / fleet.name / "runs" / f"{run_id}.json"
-
-
-def _take_over(fleet: Fleet, i_checked: bool = False) -> lock.TakeOver:
+def _take_over(fleet: Fleet, journals: FleetJournals, i_checked: bool = False) -> lock.TakeOver:
     """How a run judges a lock someone else holds (see `lock.acquire`).
 
     Taken over: a run that ended and left the lock (not one that needs a person), or an
@@ -270,12 +266,12 @@ def _take_over(fleet: Fleet, i_checked: bool = False) -> lock.TakeOver:
     """
 
     def judge(holder: lock.Holder) -> bool | str:
-        journal = _journal(fleet, holder.journal_run)
-        status = Ledger.load(journal).status if journal.is_file() else None
+        found = journals.find(holder.journal_run)
+        status = found.status if found is not None else None
         if status == "needs attention" and not i_checked:
             return (
                 f"fleet {fleet.name} is locked: run {holder.journal_run} ended needing a person (see its journal "
-                f"{journal} and `rollout history`). Check and fix the fleet, then run "
+                f"{journals.local_path(holder.journal_run)} and `rollout history`). Check and fix the fleet, then run "
                 "`rollout recover --fleet FLEET --i-checked` to release the lock; no run takes it over before that."
             )
         if status is not None:
@@ -285,7 +281,7 @@ def _take_over(fleet: Fleet, i_checked: bool = False) -> lock.TakeOver:
     return judge
 
 
-def _recover_run(ctx: Context, run_id: str, i_checked: bool = False) -> str:
+def _recover_run(ctx: Context, journals: FleetJournals, run_id: str, i_checked: bool = False) -> str:
     """Revert what an interrupted run changed, from its journal; what was done, for a person.
     DeployFailed if a person must look.
 
@@ -293,17 +289,17 @@ def _recover_run(ctx: Context, run_id: str, i_checked: bool = False) -> str:
     and a journal this machine does not have is not asked for.
     """
     logger = get_run_logger()
-    journal = _journal(ctx.fleet, run_id)
-    if not journal.is_file():
+    found = journals.find(run_id)
+    if found is None:
         if i_checked:
-            logger.warning("run %s has no journal on this machine; releasing its lock on your word", run_id)
-            return f"run {run_id} released on your word (its journal is not on this machine); nothing was rolled back"
+            logger.warning("run %s left no journal here or on the fleet; releasing its lock on your word", run_id)
+            return f"run {run_id} released on your word (it left no journal); nothing was rolled back"
         raise PreflightError(
-            f"fleet {ctx.fleet.name} was left locked by run {run_id}, whose journal {journal} is not on this "
-            "machine: recover on the machine that ran it, or check the fleet and run "
-            "`rollout recover --fleet FLEET --i-checked`"
+            f"fleet {ctx.fleet.name} was left locked by run {run_id}, whose journal is neither on this machine "
+            f"({journals.local_path(run_id)}) nor on the fleet ({journals.directory} on {ctx.fleet.instances[0].host}"
+            "): check the fleet and run `rollout recover --fleet FLEET --i-checked`"
         )
-    old = Ledger.load(journal)
+    old = journals.attach(found)
     if old.status == "needs attention" and i_checked:
         old.finish("resolved")
         logger.warning("run %s needed attention; a person checked the fleet: released as it is", run_id)
@@ -329,13 +325,19 @@ def _recover_run(ctx: Context, run_id: str, i_checked: bool = False) -> str:
 
 
 def _deploy(
-    ctx: Context, ledger: Ledger, target: ImageRef, cancel: threading.Event, order: list[str], urgent: bool
+    ctx: Context,
+    journals: FleetJournals,
+    ledger: Ledger,
+    target: ImageRef,
+    cancel: threading.Event,
+    order: list[str],
+    urgent: bool,
 ) -> None:
     """Preflight, pre-pull, then the batches; raises on the first failed instance, or
     WindowClosed when the maintenance window closes between two batches."""
     fleet = ctx.fleet
     logger = get_run_logger()
-    newer = history.newer_request(fleet, ledger.asked_at)
+    newer = history.newer_request(fleet, ledger.asked_at, journals)
     if newer is not None:
         raise Superseded(
             f"it was requested at {_utc(ledger.asked_at)}, and run {newer.run_id} ({newer.target}), requested later "
@@ -469,7 +471,7 @@ def rolling_deploy(
         fleet.name,
         run_id,
         str(target),
-        _journal(fleet, run_id),
+        local_runs_directory(fleet) / f"{run_id}.json",
         triggered_by=triggered_by,
         user=f"{holder.user}@{holder.hostname}",
         requested_at=asked.timestamp(),
@@ -483,10 +485,12 @@ def rolling_deploy(
     )
     ctx = Context.connect(fleet)
     try:
-        lease = lock.acquire(ctx, holder, take_over=_take_over(fleet))
+        journals = FleetJournals(fleet, ctx.hosts[fleet.instances[0].name], fleet.ssh.command_timeout_seconds)
+        journals.attach(ledger)
+        lease = lock.acquire(ctx, holder, take_over=_take_over(fleet, journals))
         if lease.stale is not None:
             # On failure the lock stays, naming the run to recover: the fleet needs that first.
-            _recover_run(ctx, lease.holder.recovers)
+            _recover_run(ctx, journals, lease.holder.recovers)
             lease = lock.recovered(ctx, lease)
     except BaseException:
         ctx.close()
@@ -495,7 +499,7 @@ def rolling_deploy(
     order: list[str] = []
     completed = False  # only the end of the success path may record "succeeded"
     try:
-        _deploy(ctx, ledger, target, cancel, order, urgent)
+        _deploy(ctx, journals, ledger, target, cancel, order, urgent)
         completed = True
     except Superseded as superseded:
         summary = f"Not deploying {target} to fleet {fleet.name}: {superseded}"
@@ -523,7 +527,7 @@ def rolling_deploy(
         raise
     finally:
         try:
-            _end(ctx, ledger, lease.holder, completed)
+            _end(ctx, journals, ledger, lease.holder, completed)
         finally:
             ctx.close()
     moved = [r.name for r in ledger.records.values() if r.outcome == "updated"]
@@ -536,7 +540,7 @@ def rolling_deploy(
     return _report(ledger)
 
 
-def _end(ctx: Context, ledger: Ledger, holder: lock.Holder, completed: bool) -> None:
+def _end(ctx: Context, journals: FleetJournals, ledger: Ledger, holder: lock.Holder, completed: bool) -> None:
     """Whatever happened: every server this run drained back in rotation, then the lock.
 
     A run that did not reach the end of its success path and recorded no outcome was
@@ -562,6 +566,8 @@ def _end(ctx: Context, ledger: Ledger, holder: lock.Holder, completed: bool) -> 
         )
     elif ledger.status != "needs attention":  # a fleet that needs a person stays locked
         lock.release(ctx, holder)
+    for failure in journals.failures:
+        logger.warning("the copy of this run's journal on the fleet could not be written: %s", failure)
 
 
 def _outside_window(
@@ -603,12 +609,13 @@ def recover_fleet(fleet_file: str, i_checked: bool = False) -> str:
     ctx = Context.connect(fleet)
     holder = lock.me(f"recover-{int(time.time())}", "recovery")
     try:
-        lease = lock.acquire(ctx, holder, take_over=_take_over(fleet, i_checked))
+        journals = FleetJournals(fleet, ctx.hosts[fleet.instances[0].name], fleet.ssh.command_timeout_seconds)
+        lease = lock.acquire(ctx, holder, take_over=_take_over(fleet, journals, i_checked))
         if lease.stale is None:
             lock.release(ctx, lease.holder)
             return f"fleet {fleet.name} was not left locked by an interrupted run; nothing to recover"
         # On failure the lock stays, naming the run: the fleet needs a person.
-        message = f"fleet {fleet.name}: {_recover_run(ctx, lease.holder.recovers, i_checked)}"
+        message = f"fleet {fleet.name}: {_recover_run(ctx, journals, lease.holder.recovers, i_checked)}"
         lock.release(ctx, lease.holder)
     finally:
         ctx.close()

@@ -2,7 +2,8 @@
 
 The ledger is written to a journal file on the orchestrator after every change, so a
 run killed mid-instance leaves enough behind (the original compose bytes included) to
-finish or revert it.
+finish or revert it; and copied after every change to the fleet itself (`mirror`, see
+`state.fleet_journals`), so a worker on another machine can recover it too.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -85,6 +87,10 @@ class Ledger:
     # orders requests: an older one never undoes a newer one. None in older journals.
     requested_at: float | None = None
     records: dict[str, InstanceRecord] = field(default_factory=dict)
+    # Counts the writes: of two copies of one journal (here, on the fleet) the higher is newer.
+    revision: int = 0
+    # Called with each written snapshot, after the local journal (the copy on the fleet).
+    mirror: Callable[[str, bytes], None] | None = field(default=None, repr=False, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, record: InstanceRecord) -> None:
@@ -131,6 +137,7 @@ class Ledger:
             "status": self.status,
             "finished_at": self.finished_at,
             "requested_at": self.requested_at,
+            "revision": self.revision,
             "records": records,
         }
 
@@ -145,6 +152,7 @@ class Ledger:
         # write-ahead record (a lost `restarted` makes recovery skip `up`).
         if self.journal is None:
             return
+        self.revision += 1
         payload = json.dumps(self.to_json(), indent=1)
         self.journal.parent.mkdir(parents=True, exist_ok=True)
         handle, temp = tempfile.mkstemp(dir=self.journal.parent, prefix=".journal-")
@@ -158,11 +166,17 @@ class Ledger:
             with contextlib.suppress(OSError):
                 os.unlink(temp)
             raise
+        if self.mirror is not None:
+            self.mirror(self.run_id, payload.encode())
 
     @classmethod
     def load(cls, journal: Path) -> Ledger:
         """Read a journal left by an earlier run."""
-        data = json.loads(journal.read_text())
+        return cls.from_json(json.loads(journal.read_text()), journal)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], journal: Path | None = None) -> Ledger:
+        """A ledger from its journal's JSON (`journal`: where it is kept from now on)."""
         ledger = cls(
             data["fleet"],
             data["run_id"],
@@ -174,6 +188,7 @@ class Ledger:
             data.get("status"),
             data.get("finished_at"),
             data.get("requested_at"),
+            revision=data.get("revision", 0),
         )
         for item in data["records"]:
             item["original"] = base64.b64decode(item["original"])
