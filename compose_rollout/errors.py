@@ -11,6 +11,7 @@
     ├── LoadBalancerError      the LB admin interface refused or did not answer
     ├── RegistryError          the registry did not resolve the image
     ├── WaitTimeout            a bounded wait ended without the awaited state
+    ├── Interrupted            Ctrl-C, SIGTERM or a Prefect cancel: waits stop at once
     ├── StepFailed             one step on one instance failed (wraps any of the above)
     └── DeployFailed           the run failed; carries the one-paragraph summary
 
@@ -90,6 +91,11 @@ class WaitTimeout(RolloutError):
         self.timeout_seconds = timeout_seconds
         self.last_seen = last_seen
         super().__init__(f"waited {timeout_seconds:g} s for {what}; last seen: {last_seen}")
+
+
+class Interrupted(RolloutError):
+    """The run was interrupted (Ctrl-C, SIGTERM, a cancel in Prefect): the instance in
+    progress stops at its next step or poll, and the run rolls back."""
 
 
 class StepFailed(RolloutError):

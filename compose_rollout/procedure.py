@@ -9,10 +9,11 @@ and the clock is injectable, so unit tests run instantly.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import requests
@@ -21,6 +22,7 @@ from compose_rollout.config import Fleet, Instance
 from compose_rollout.errors import (
     ConfigError,
     HostKeyError,
+    Interrupted,
     PreflightError,
     RemoteError,
     RolloutError,
@@ -75,6 +77,32 @@ class Context:
     probe: HealthProbe = http_health
     compose_versions: dict[str, ComposeVersion] = field(default_factory=dict)
     lb_host: Executor | None = None
+    # Set when the run is interrupted: every wait stops at its next poll.
+    interrupt: threading.Event = field(default_factory=threading.Event)
+    # Once interrupted, the rollback's waits all end by this monotonic time (a Prefect
+    # cancel kills the process 30 s after its SIGTERM).
+    deadline: float | None = None
+
+    def for_rollback(self, seconds: float | None) -> Context:
+        """This context for a rollback: not interrupted, its waits ending within
+        `seconds` if given (after an interruption)."""
+        deadline = None if seconds is None else self.clock.monotonic() + seconds
+        return replace(self, interrupt=threading.Event(), deadline=deadline)
+
+    def wait_until(self, seconds: float) -> tuple[float, float]:
+        """(monotonic deadline, seconds) of a wait of `seconds`, cut to the rollback's deadline."""
+        now = self.clock.monotonic()
+        if self.deadline is None or now + seconds <= self.deadline:
+            return now + seconds, seconds
+        return self.deadline, max(0.0, self.deadline - now)
+
+    def pause(self, seconds: float) -> None:
+        """One pause of a wait loop; raises Interrupted at once when the run is interrupted."""
+        if self.interrupt.is_set():
+            raise Interrupted("the run was interrupted; stopped waiting")
+        self.clock.sleep(seconds)
+        if self.interrupt.is_set():
+            raise Interrupted("the run was interrupted; stopped waiting")
 
     @classmethod
     def connect(cls, fleet: Fleet) -> Context:
@@ -318,22 +346,22 @@ def drain(ctx: Context, instance: Instance, ledger: Ledger) -> int:
 def wait_for_sessions(ctx: Context, instance: Instance, ledger: Ledger) -> int:
     """Wait until the LB counts no active session on the instance; return sessions cut."""
     policy = ctx.fleet.rollout
-    deadline = ctx.clock.monotonic() + policy.drain_timeout_seconds
+    deadline, limit = ctx.wait_until(policy.drain_timeout_seconds)
     while True:
         server = ctx.lb.server(instance.lb_server)
         if server.sessions == 0:
             return 0
         if ctx.clock.monotonic() >= deadline:
-            if policy.on_drain_timeout == "proceed":
+            # A rollback cut short by an interruption never cuts requests: it stops instead.
+            if policy.on_drain_timeout == "proceed" and limit >= policy.drain_timeout_seconds:
                 ctx.lb.shutdown_sessions(instance.lb_server)
                 ledger.update(instance.name, sessions_cut=server.sessions)
                 return server.sessions
-            raise WaitTimeout(
-                f"{instance.lb_server} to finish its sessions (rollout.on_drain_timeout: fail)",
-                policy.drain_timeout_seconds,
-                server.describe(),
+            why = (
+                "rollout.on_drain_timeout: fail" if limit >= policy.drain_timeout_seconds else "the run was interrupted"
             )
-        ctx.clock.sleep(0.1)
+            raise WaitTimeout(f"{instance.lb_server} to finish its sessions ({why})", limit, server.describe())
+        ctx.pause(0.1)
 
 
 def write_compose(ctx: Context, instance: Instance, ledger: Ledger, image: str) -> None:
@@ -378,7 +406,7 @@ def await_healthy(ctx: Context, instance: Instance, image_id: str) -> float:
     """
     health = ctx.fleet.health
     started = ctx.clock.monotonic()
-    deadline = started + health.timeout_seconds
+    deadline, limit = ctx.wait_until(health.timeout_seconds)
     passes, last = 0, "nothing yet"
     stable_since: float | None = None
     stable_container: ContainerState | None = None
@@ -413,22 +441,21 @@ def await_healthy(ctx: Context, instance: Instance, image_id: str) -> float:
         if stable_since is not None and now - stable_since >= health.stabilization_seconds:
             return now - started
         if now >= deadline:
-            raise WaitTimeout(f"{instance.name} to become healthy", health.timeout_seconds, last)
+            raise WaitTimeout(f"{instance.name} to become healthy", limit, last)
         # Probes are paced by period, not by a pause after each round's own work.
-        ctx.clock.sleep(max(0.0, tick + health.interval_seconds - ctx.clock.monotonic()))
+        ctx.pause(max(0.0, tick + health.interval_seconds - ctx.clock.monotonic()))
 
 
 def await_lb_up(ctx: Context, instance: Instance) -> None:
     """Wait until the LB's own health check reports the server UP (it stays drained)."""
-    timeout = ctx.fleet.health.lb_timeout_seconds
-    deadline = ctx.clock.monotonic() + timeout
+    deadline, limit = ctx.wait_until(ctx.fleet.health.lb_timeout_seconds)
     while True:
         server = ctx.lb.server(instance.lb_server)
         if server.up:
             return
         if ctx.clock.monotonic() >= deadline:
-            raise WaitTimeout(f"the LB to see {instance.lb_server} UP", timeout, server.describe())
-        ctx.clock.sleep(0.1)
+            raise WaitTimeout(f"the LB to see {instance.lb_server} UP", limit, server.describe())
+        ctx.pause(0.1)
 
 
 def enable(ctx: Context, instance: Instance, ledger: Ledger) -> None:

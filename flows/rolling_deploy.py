@@ -19,6 +19,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.deployments import run_deployment
+from prefect.exceptions import TerminationSignal
 from prefect.futures import PrefectFuture
 from prefect.runtime import deployment as deployment_runtime
 from prefect.runtime import flow_run
@@ -31,6 +32,7 @@ from compose_rollout.errors import (
     ConnectError,
     DeployFailed,
     HostKeyError,
+    Interrupted,
     PreflightError,
     RegistryError,
     RolloutError,
@@ -47,10 +49,6 @@ from compose_rollout.triggers import windows
 from compose_rollout.triggers.tag_policy import resolve_tag
 
 
-class Cancelled(RolloutError):
-    """The run was interrupted; instances stop at the next step boundary."""
-
-
 class WindowClosed(RolloutError):
     """The maintenance window closed between two batches: stop, without rolling back."""
 
@@ -61,7 +59,7 @@ class Superseded(RolloutError):
 
 def _step(ledger: Ledger, instance: str, name: str, cancel: threading.Event, call: Any, *args: Any) -> Any:
     if cancel.is_set():
-        raise StepFailed(instance, name, Cancelled("the run was interrupted"))
+        raise StepFailed(instance, name, Interrupted("the run was interrupted"))
     ledger.update(instance, step=name)
     try:
         return call(*args)
@@ -391,6 +389,10 @@ def _deploy(
 TAG_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"
 # How far a caller's clock may run ahead of this machine's for `requested_at`.
 MAX_CLOCK_SKEW_SECONDS = 300
+# Prefect 3.9's worker kills a cancelled run's process 30 s after its SIGTERM (a fixed
+# grace in prefect/workers/base.py): a rollback after an interruption ends its waits by
+# then, and what it could not finish is left in the journal for `rollout recover`.
+ROLLBACK_SECONDS_AFTER_INTERRUPT = 25.0
 
 
 @flow(name="rolling-deploy", validate_parameters=True)
@@ -495,7 +497,7 @@ def rolling_deploy(
     except BaseException:
         ctx.close()
         raise
-    cancel = threading.Event()
+    cancel = ctx.interrupt  # set on Ctrl-C, SIGTERM or a Prefect cancel: every wait stops at once
     order: list[str] = []
     completed = False  # only the end of the success path may record "succeeded"
     try:
@@ -517,7 +519,12 @@ def rolling_deploy(
         # Measured before the rollback, which re-enables what was drained.
         touched = any(record.changed or record.drained for record in ledger.records.values())
         failed_names = [name for name in order if ledger[name].outcome == "failed"]
-        rolled, note = _rollback(ctx, ledger, failed_names + [n for n in reversed(order) if n not in failed_names])
+        if not isinstance(failure, Exception):  # Ctrl-C, SIGTERM: what is still running stops at once
+            cancel.set()
+        # After Prefect's SIGTERM (a cancel) the rollback must end before the worker's kill.
+        cancelled = isinstance(failure, TerminationSignal)
+        calm = ctx.for_rollback(ROLLBACK_SECONDS_AFTER_INTERRUPT if cancelled else None)
+        rolled, note = _rollback(calm, ledger, failed_names + [n for n in reversed(order) if n not in failed_names])
         summary = _summary(fleet, ledger, failure, rolled, note, touched)
         logger.error(summary)
         _publish(fleet, ledger, summary)

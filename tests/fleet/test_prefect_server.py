@@ -22,7 +22,15 @@ import yaml
 
 from compose_rollout.testbed import Testbed
 from compose_rollout.testbed.traffic import Traffic
-from tests.fleet.test_faults import assert_serving_v1, journal, push_variant, record, wait_for_journal
+from tests.fleet.test_faults import (
+    assert_serving_v1,
+    journal,
+    push_variant,
+    record,
+    slow_requests_through_lb,
+    wait_for_journal,
+    wait_for_sessions_on_all,
+)
 from tests.fleet.test_rollout import fleet_file, observe
 from tests.prefect_server import clean_env, free_port, prefect_server, spawn, stop, tail, wait_until_up
 from tests.prefect_ui import browser_page, open_ui, start_custom_run
@@ -178,6 +186,38 @@ def test_prefect_deploy_all_and_a_real_worker_move_the_fleet(fresh_fleet: Testbe
     v2 = bed.image_id(f"{bed.image_repository}:v2")
     assert {bed.running_image(i.name) for i in bed.instances} == {v2}
     assert set(observe(bed).lb.values()) == {"UP"}
+
+
+@pytest.mark.timeout(300)
+def test_a_cancel_stops_a_long_drain_wait_at_once_and_rolls_back_before_the_workers_kill(
+    fresh_fleet: Testbed, stack: Stack
+) -> None:
+    """Prefect 3.9's worker kills a cancelled run 30 s after its SIGTERM. A drain wait for a
+    50 s request must stop at once, so the run rolls back by itself, cutting nothing."""
+    bed = fresh_fleet
+    before = observe(bed)
+    slow = slow_requests_through_lb(bed, 50)  # one 50 s request on every instance
+    wait_for_sessions_on_all(bed)
+    output = prefect(
+        stack.env,
+        "deployment",
+        "run",
+        "rolling-deploy/fleet",
+        "--param",
+        "tag=v2",
+        "--param",
+        "drain_timeout_seconds=120",
+    )
+    run_id = re.search(r"UUID: ([0-9a-f-]{36})", output)
+    assert run_id, output
+    wait_for_journal(stack.state, lambda j: record(j, "app-1").get("step") == "wait-for-sessions", timeout=180)
+    prefect(stack.env, "flow-run", "cancel", run_id.group(1))
+    wait_for_final(stack.api, run_id.group(1))
+    found = journal(stack.state, run_id=run_id.group(1))
+    assert found is not None and found["status"] == "rolled back", tail(stack.worker_log)
+    codes, _ = slow.communicate(timeout=120)
+    assert codes.strip() == "[200, 200, 200]"  # the long requests were never cut
+    assert observe(bed) == before
 
 
 @pytest.mark.timeout(300)

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from compose_rollout import procedure
-from compose_rollout.errors import RolloutError, WaitTimeout
+from compose_rollout.errors import Interrupted, RolloutError, WaitTimeout
 from compose_rollout.flows.rolling_deploy import batches
 from compose_rollout.lb.haproxy import OP_STOPPED
 from compose_rollout.procedure import Context
@@ -113,6 +113,35 @@ def test_drain_timeout_with_proceed_cuts_and_counts_the_sessions() -> None:
     assert procedure.wait_for_sessions(ctx, ctx.fleet.instance("app-1"), ledger) == 2
     assert lb.actions == ["app-1 shutdown"]
     assert ledger["app-1"].sessions_cut == 2
+
+
+def test_an_interruption_stops_a_long_wait_at_its_next_poll() -> None:
+    """A Prefect cancel gives 30 s before the kill: a 130 s drain wait must not run on."""
+    ctx, _, lb, clock = make_context(rollout={"drain_timeout_seconds": 130})
+    lb.servers_["app-1"].sessions = [1]  # a long request that will not end soon
+    original_sleep = clock.sleep
+
+    def sleep(seconds: float) -> None:
+        original_sleep(seconds)
+        if clock.slept >= 2:
+            ctx.interrupt.set()  # Ctrl-C / SIGTERM arrives two seconds into the wait
+
+    clock.sleep = sleep  # type: ignore[method-assign]
+    with pytest.raises(Interrupted, match="interrupted"):
+        procedure.wait_for_sessions(ctx, ctx.fleet.instance("app-1"), make_ledger(ctx))
+    assert clock.slept == pytest.approx(2, abs=0.11)
+
+
+def test_after_an_interruption_the_rollback_s_waits_end_by_its_deadline_and_never_cut_requests() -> None:
+    ctx, _, lb, clock = make_context(rollout={"drain_timeout_seconds": 130, "on_drain_timeout": "proceed"})
+    lb.servers_["app-1"].sessions = [1]
+    ctx.interrupt.set()
+    calm = ctx.for_rollback(5)
+    with pytest.raises(WaitTimeout, match=r"waited 5 s for app-1 to finish its sessions \(the run was interrupted\)"):
+        procedure.wait_for_sessions(calm, calm.fleet.instance("app-1"), make_ledger(calm))
+    assert clock.slept == pytest.approx(5, abs=0.11)
+    assert lb.actions == []  # proceed cuts requests only at the drain timeout itself, never here
+    assert ctx.for_rollback(None).deadline is None and not ctx.for_rollback(None).interrupt.is_set()
 
 
 def test_set_image_then_restore_gives_back_the_original_bytes_and_mode() -> None:
