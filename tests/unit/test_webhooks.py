@@ -267,7 +267,13 @@ class FakePrefect:
             return httpx.Response(200, json=found)
         if request.method == "POST" and path.startswith("flow_runs/") and path.endswith("/set_state"):
             [run] = [run for run in self.runs.values() if run["id"] == path.split("/")[1]]
-            run["state"] = json.loads(request.content)["state"]
+            proposed = json.loads(request.content)["state"]
+            run.setdefault("proposed", []).append(proposed)
+            if proposed["type"] == "CANCELLING" and not run.get("infrastructure_pid"):
+                # As Prefect 3.9's server does: no infrastructure to stop, so straight to Cancelled.
+                run["state"] = {"type": "CANCELLED", "message": proposed.get("message")}
+                return httpx.Response(200, json={"status": "REJECT", "state": run["state"]})
+            run["state"] = proposed
             return httpx.Response(201, json={"status": "ACCEPT", "state": run["state"]})
         if request.method == "POST" and path.endswith("/create_flow_run"):
             deployment_id = path.split("/")[1]
@@ -897,7 +903,10 @@ def test_a_push_outside_the_fleets_windows_is_scheduled_for_the_next_window(
     assert "state" not in h.prefect.wait_for_creates(2)[1]["body"]
 
 
-def test_a_newer_push_cancels_the_fleets_older_runs_still_waiting(harness_factory: Callable[..., Harness]) -> None:
+def test_a_newer_push_cancels_the_fleets_older_runs_still_waiting(
+    harness_factory: Callable[..., Harness], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
     weeknights = {"cron": "0 22 * * MON-FRI", "duration_minutes": 120, "timezone": "Europe/Berlin"}
     saturday = datetime(2025, 1, 11, 15, 0, tzinfo=UTC)
     prefect = FakePrefect()
@@ -920,12 +929,17 @@ def test_a_newer_push_cancels_the_fleets_older_runs_still_waiting(harness_factor
     h.post_distribution(distribution_envelope(("acme/app", "1.4.3", DIGEST_2)))
     first, second = prefect.wait_for_creates(2)
     h.wait_idle()
-    # As Prefect's own cancel does: a worker that picked the run up meanwhile stops it properly.
-    assert first["state"] == {
-        "type": "CANCELLING",
-        "name": "Cancelling",
-        "message": f"superseded by the webhook push of {REGISTRY_PUSH}:1.4.3@{DIGEST_2}",
-    }
+    # Asked as Prefect's own cancel asks (a worker that picked the run up meanwhile stops it
+    # properly); the server makes a run that has no infrastructure Cancelled at once.
+    assert first["proposed"] == [
+        {
+            "type": "CANCELLING",
+            "name": "Cancelling",
+            "message": f"superseded by the webhook push of {REGISTRY_PUSH}:1.4.3@{DIGEST_2}",
+        }
+    ]
+    assert first["state"]["type"] == "CANCELLED"
+    assert f"cancelled flow run {first['id']} of fleet acme: superseded by {REGISTRY_PUSH}:1.4.3@" in caplog.text
     assert second["state"]["type"] == "SCHEDULED"
     assert prefect.runs["by-hand"]["state"] == prefect.runs["other"]["state"] == {"type": "SCHEDULED"}
 

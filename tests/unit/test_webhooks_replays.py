@@ -24,9 +24,10 @@ import pytest
 from pydantic import SecretStr
 
 from compose_rollout.errors import ConfigError
-from compose_rollout.triggers.webhooks import create_app, github_signature
+from compose_rollout.triggers.webhooks import RUN_TAG, create_app, github_signature
 from compose_rollout.triggers.webhooks.state import Memory, StateFile
-from tests.unit.test_webhooks import (  # the shared harness (fixtures are found by name)
+from tests.unit.test_webhooks import (  # the shared fakes and helpers (not its fixtures)
+    DEPLOYMENT_ID,
     DIGEST_1,
     DIGEST_2,
     DIGEST_3,
@@ -38,7 +39,10 @@ from tests.unit.test_webhooks import (  # the shared harness (fixtures are found
     distribution_envelope,
     dockerhub_event,
     github_event,
+    planned,
+    prefect_runs,
     route,
+    run_async,
     settings,
 )
 
@@ -226,6 +230,29 @@ def test_a_push_whose_run_creation_failed_unexpectedly_is_tried_again_when_redel
     again = h.post_distribution(envelope)  # the registry's retry
     assert again.json()["accepted"][0]["outcome"] == "scheduled"
     assert [r["parameters"]["tag"] for r in h.prefect.wait_for_creates(1)] == ["1.4.2"]
+
+
+def test_a_superseded_run_a_worker_already_holds_is_left_cancelling_for_the_worker_to_stop() -> None:
+    prefect = FakePrefect()
+    prefect.runs["older"] = {
+        "id": "older",
+        "deployment_id": DEPLOYMENT_ID,
+        "parameters": {"fleet_file": "/etc/compose-rollout/acme.yaml", "tag": "1.4.2"},
+        "tags": [RUN_TAG],
+        "state": {"type": "SCHEDULED", "name": "AwaitingRetry"},
+        "infrastructure_pid": "4242",  # a process worker's run, scheduled again for a retry
+    }
+
+    async def scenario() -> list[str]:
+        runs = prefect_runs(prefect)
+        try:
+            newer = planned("1.4.3")
+            return await runs.cancel_superseded(newer, await runs.create_run(newer))
+        finally:
+            await runs.aclose()
+
+    assert run_async(scenario()) == ["older"]
+    assert prefect.runs["older"]["state"]["type"] == "CANCELLING"
 
 
 # ----------------------------------------------------------------------------- the state file

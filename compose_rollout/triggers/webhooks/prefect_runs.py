@@ -170,7 +170,10 @@ class PrefectRuns:
             }
             answer = await self._client.post(f"flow_runs/{other['id']}/set_state", json={"state": state})
             _raise_for_status(answer, f"cancelling superseded run {other['id']}")
-            if answer.json().get("status") == "ACCEPT":
+            # A Scheduled run with no infrastructure is turned Cancelled by the server itself
+            # (a REJECT carrying that state); one with infrastructure stays Cancelling.
+            result = answer.json()
+            if (result.get("state") or {}).get("type") in ("CANCELLING", "CANCELLED"):
                 cancelled.append(str(other["id"]))
         return cancelled
 
