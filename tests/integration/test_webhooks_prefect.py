@@ -10,6 +10,7 @@ right parameters, and how long after the push they did.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import statistics
 import sys
@@ -103,10 +104,13 @@ class Receiver:
     url: str
     log: Path
 
-    def push(self, repository: str, tag: str, digest: str, authorization: str = AUTH) -> httpx.Response:
+    def push(
+        self, repository: str, tag: str, digest: str, authorization: str = AUTH, pushed_at: dt.datetime | None = None
+    ) -> httpx.Response:
+        pushed_at = pushed_at or dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
         event = {
             "id": str(uuid.uuid4()),
-            "timestamp": "2025-05-12T09:14:04.001Z",
+            "timestamp": pushed_at.isoformat().replace("+00:00", "Z"),
             "action": "push",
             "target": {
                 "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
@@ -147,6 +151,7 @@ def receiver(prefect: Prefect, tmp_path_factory: pytest.TempPathFactory) -> Iter
         "listen_port": port,
         "debounce_seconds": 0,
         "prefect": {"api_url": prefect.api, "timeout_seconds": 10},
+        "state_directory": str(workdir / "state"),
         "distribution": {"authorization": AUTH},
         "routes": [
             {
@@ -167,7 +172,7 @@ def receiver(prefect: Prefect, tmp_path_factory: pytest.TempPathFactory) -> Iter
                 "fleet": "acme-later",
                 "deployment": prefect.acme_id,
                 "fleet_file": "/etc/compose-rollout/acme-later.yaml",
-                # Opens on February 29th only: a push now waits for 2028.
+                # Opens on February 29th only (UTC): a push waits for the next leap year's.
                 "maintenance_windows": [{"cron": "0 3 29 2 *", "duration_minutes": 60}],
             },
         ],
@@ -199,14 +204,17 @@ def test_a_registry_push_creates_a_flow_run_with_the_pushed_tag(
     latencies = []
     for patch in range(2, 7):
         tag = f"1.4.{patch}"
+        pushed_at = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
         started = time.perf_counter()
-        assert receiver.push("acme/app", tag, digest(patch)).status_code == 202
+        assert receiver.push("acme/app", tag, digest(patch), pushed_at=pushed_at).status_code == 202
         run = prefect.wait_for_run(prefect.acme_id, partial(_has_tag, tag=tag), 30)
         latencies.append(time.perf_counter() - started)
+        # The deployment enforces the flow's parameter schema: requested_at is a datetime it accepts.
         assert run["parameters"] == {
             "fleet_file": "/etc/compose-rollout/acme.yaml",
             "tag": tag,
             "triggered_by": f"webhook:distribution push of {REGISTRY}/acme/app:{tag}@{digest(patch)}",
+            "requested_at": pushed_at.isoformat(),
         }
         assert run["idempotency_key"] == f"compose-rollout/acme/{tag}/{digest(patch)}"
         assert run["state"]["type"] == "SCHEDULED"
@@ -259,20 +267,41 @@ def test_a_burst_of_pushes_starts_only_the_newest_tag(prefect: Prefect, receiver
     assert [r["parameters"]["tag"] for r in prefect.runs_of(prefect.burst_id)] == ["1.5.2"]
 
 
+def next_february_29th_at_3() -> str:
+    """When the window `0 3 29 2 *` (UTC) opens next, as Prefect writes it."""
+    now = dt.datetime.now(dt.UTC)
+    year = now.year
+    while True:
+        try:
+            opens = dt.datetime(year, 2, 29, 3, tzinfo=dt.UTC)
+        except ValueError:  # not a leap year
+            year += 1
+            continue
+        if opens > now:
+            return opens.strftime("%Y-%m-%dT%H:%M:%S")
+        year += 1
+
+
 @pytest.mark.timeout(180)
 def test_a_push_outside_the_maintenance_windows_waits_for_the_next_one(prefect: Prefect, receiver: Receiver) -> None:
-    assert receiver.push("acme/later", "3.0.0", digest(300)).status_code == 202
+    pushed_at = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
+    assert receiver.push("acme/later", "3.0.0", digest(300), pushed_at=pushed_at).status_code == 202
     run = prefect.wait_for_run(prefect.acme_id, partial(_has_tag, tag="3.0.0"), 30)
     assert run["state"]["type"] == "SCHEDULED"
-    assert run["expected_start_time"].startswith("2028-02-29T03:00:00")
+    assert run["expected_start_time"].startswith(next_february_29th_at_3())
+    # The run still says when the push came, not when its window opens.
+    assert run["parameters"]["requested_at"] == pushed_at.isoformat()
     assert run["parameters"]["fleet_file"] == "/etc/compose-rollout/acme-later.yaml"
     # A newer push while it waits replaces it: the older run is cancelled, not left to start too.
     assert receiver.push("acme/later", "3.0.1", digest(301)).status_code == 202
     newer = prefect.wait_for_run(prefect.acme_id, partial(_has_tag, tag="3.0.1"), 30)
     receiver.wait_idle()
     states = {r["parameters"]["tag"]: r["state"]["type"] for r in prefect.runs_of(prefect.acme_id)}
+    # The receiver asks for Cancelling, as `prefect flow-run cancel` does; the server makes a
+    # Scheduled run that no worker holds Cancelled at once.
     assert (states["3.0.0"], states["3.0.1"]) == ("CANCELLED", "SCHEDULED")
-    assert newer["expected_start_time"].startswith("2028-02-29T03:00:00")
+    assert f"cancelled flow run {run['id']} of fleet acme-later" in receiver.log.read_text()
+    assert newer["expected_start_time"].startswith(next_february_29th_at_3())
 
 
 @pytest.mark.timeout(180)

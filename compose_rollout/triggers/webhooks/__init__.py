@@ -8,7 +8,10 @@ Its own process: `python -m compose_rollout.triggers.webhooks --config webhooks.
     GET  /healthz
 
 and turns each accepted push into `POST {PREFECT_API_URL}/deployments/{id}/create_flow_run`
-with the parameters `fleet_file`, `tag` and `triggered_by`. Open-source Prefect has no
+with the parameters `fleet_file`, `tag`, `triggered_by` and `requested_at` (the source's
+own push time when it gives one that is not in the future, else when the push was
+received; the flow's newest-request rule orders runs by it, so a push that waited for a
+window does not undo an urgent deploy made meanwhile). Open-source Prefect has no
 webhooks of its own (they are a Prefect Cloud feature), hence this relay.
 
 Authentication (a request that fails it gets 401 and starts nothing):
@@ -31,37 +34,52 @@ Authentication (a request that fails it gets 401 and starts nothing):
   process logs no request paths).
 
 Every secret is a SecretStr, compared with `hmac.compare_digest`, and never logged.
+The distribution secret and the Docker Hub token travel in every request: serve HTTPS
+(`tls_certfile`/`tls_keyfile`), or listen on 127.0.0.1 behind a TLS proxy (Caddy, nginx);
+the receiver warns at start when it serves plain HTTP on another address.
 
 What is started:
 
 - Only tag pushes of routed repositories; every tag passes `validate_tag` and the
   route's `TagPolicy` (never `latest`, `sha-*`, a non-version or a pre-release unless
-  allowed). A request carrying a malformed tag, repository or digest is refused (422)
-  and starts nothing; a request over `max_body_bytes` gets 413 before it is read.
+  allowed). A GitHub or Docker Hub request carrying a malformed tag, repository or
+  digest (or a Docker Hub `pushed_at` that is not a finite time) is refused (422/400)
+  and starts nothing. In a distribution envelope each event stands alone: the good
+  ones start, the malformed ones are listed under `refused` in the 2xx answer and
+  logged (a registry resends a refused envelope for ever). A request over
+  `max_body_bytes` gets 413 before it is read.
 - The same push delivered twice starts one run: the idempotency key is
   `compose-rollout/<fleet>/<tag>/<digest>` (Docker Hub sends no digest: its
-  `pushed_at` stands in). This process remembers recent keys, and Prefect itself
-  returns the existing run for a known key, so a restart does not duplicate either.
+  `pushed_at` stands in). The receiver remembers recent keys and GitHub delivery ids
+  (`X-GitHub-Delivery`, required) in `state_directory`, across restarts, and Prefect
+  itself returns the existing run for a known key. A push whose run could not be
+  created, for whatever reason, is forgotten, so a redelivery is tried again.
+- A push older than the version of the fleet's last webhook run (remembered across
+  restarts) starts nothing, unless the route sets `allow_downgrade: true`: a late
+  delivery or a replayed request never rolls a fleet back.
 - Pushes for one fleet within `debounce_seconds` of each other (at most
   `debounce_max_seconds` after the first) coalesce: only the newest starts. Newest is
   the highest version by `tag_policy.version_key` when both tags are versions, else
-  the one received last. A push older than a version this process already started
-  for the fleet is ignored (registries do not guarantee delivery order).
+  the one received last.
 - A route may carry its fleet's maintenance windows: a run for a push outside them is
   created Scheduled for the next window start (`windows.scheduled_start`).
-- Once a run exists, this fleet's older webhook runs that are still Scheduled (not
-  picked up by a worker) are cancelled, so runs waiting for a window do not pile up.
+- Once a run exists, this fleet's older webhook runs that are still Scheduled are set
+  Cancelling (as `prefect flow-run cancel` does; the server makes a run no worker
+  holds Cancelled at once), so runs waiting for a window do not pile up.
 - The answer is 202 as soon as the push is accepted; creating the run happens after
   the debounce, retried `prefect.attempts` times (the idempotency key makes retries
   safe). A run that still cannot be created is logged as an error.
 
-Bounds: the body size and read time, the events per request, one pending push per
-fleet, one run creation in flight per fleet, the remembered keys, the concurrent
-connections (uvicorn's `limit_concurrency`), and every Prefect call's timeout.
+Bounds: the time to send a request head (`header_timeout_seconds`) and a body
+(`body_timeout_seconds`), idle keep-alive (`keep_alive_seconds`), the body size, the
+events per request, the requests in progress (`max_concurrent_requests`; idle or
+half-sent connections do not count), one pending push per fleet, one run creation in
+flight per fleet, the remembered keys and delivery ids, and every Prefect call's timeout.
 
 Modules: `settings` (the YAML file), `payloads` (the three sources, pure), `routing`
-(push → planned run, pure), `coalescer` (bursts, pure), `prefect_runs` (Prefect's REST
-API), `receiver` (debounce, create, retry), `app` (HTTP routes and `main`).
+(push → planned run, pure), `coalescer` (bursts, downgrades, pure), `state` (the memory
+file), `prefect_runs` (Prefect's REST API), `receiver` (debounce, create, retry), `app`
+(HTTP routes and `main`), `serving` (uvicorn with the connection bounds).
 """
 
 from compose_rollout.triggers.webhooks.app import create_app, main

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
+import re
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -16,12 +18,14 @@ from pathlib import Path
 import httpx
 from pydantic import SecretStr
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from compose_rollout.errors import ConfigError
 from compose_rollout.triggers.webhooks.payloads import (
+    EventRefusal,
     PayloadError,
     Push,
     Source,
@@ -34,6 +38,7 @@ from compose_rollout.triggers.webhooks.payloads import (
 from compose_rollout.triggers.webhooks.prefect_runs import PrefectRuns, RunCreator
 from compose_rollout.triggers.webhooks.receiver import Receiver
 from compose_rollout.triggers.webhooks.routing import plan_runs, validate_push
+from compose_rollout.triggers.webhooks.serving import InFlightLimit, serve
 from compose_rollout.triggers.webhooks.settings import PrefectApi, WebhookSettings, load_webhook_settings
 
 DISTRIBUTION_MEDIA_TYPES = (
@@ -41,6 +46,8 @@ DISTRIBUTION_MEDIA_TYPES = (
     "application/vnd.docker.distribution.events.v2+json",  # distribution v3
     "application/json",
 )
+# GitHub's X-GitHub-Delivery is a GUID; anything else is refused rather than remembered.
+_DELIVERY_RE = re.compile(r"[A-Za-z0-9-]{1,64}")
 logger = logging.getLogger("compose_rollout.triggers.webhooks")
 
 
@@ -117,14 +124,31 @@ def create_app(
         runs = prefect_runs
     receiver = Receiver(settings, runs, clock, wall_clock)
 
-    async def accept(request: Request, source: Source, pushes: list[Push]) -> Response:
+    async def accept(
+        request: Request,
+        source: Source,
+        pushes: list[Push],
+        refused: Sequence[EventRefusal] | None = None,
+        delivery: str | None = None,
+    ) -> Response:
+        """Offer the request's pushes; a malformed one refuses the whole request (422).
+        `refused`: the events a multi-event source refused on their own, reported in the answer."""
         for push in pushes:
             try:
                 validate_push(push)
             except ConfigError as error:
                 logger.warning("refused a %s request from %s: %s", source, _client(request), error)
                 raise Refused(422, str(error)) from None
-        planned, ignored = plan_runs(pushes, settings.routes, receiver.clock())
+        for refusal in refused or []:
+            logger.warning(
+                "refused event %d (id %r) of a %s request from %s: %s",
+                refusal.index,
+                refusal.event_id,
+                source,
+                _client(request),
+                refusal.error,
+            )
+        planned, ignored = plan_runs(pushes, settings.routes, receiver.clock(), receiver.wall_clock(), delivery)
         accepted = []
         for run in planned:
             outcome = receiver.offer(run)
@@ -132,7 +156,12 @@ def create_app(
             accepted.append({"fleet": run.fleet, "tag": run.push.tag, "outcome": outcome})
         for item in ignored:
             logger.info("%s push of %s:%s ignored: %s", source, item.repository, item.tag, item.reason)
-        body = {"accepted": accepted, "ignored": [asdict(item) for item in ignored]}
+        if delivery is not None:
+            receiver.remember_delivery(delivery)
+        receiver.save()
+        body: dict[str, object] = {"accepted": accepted, "ignored": [asdict(item) for item in ignored]}
+        if refused is not None:
+            body["refused"] = [{"event": r.index, "id": r.event_id, "error": r.error} for r in refused]
         return JSONResponse(body, status_code=202 if accepted else 200)
 
     def unauthorized(request: Request, source: Source) -> Refused:
@@ -146,7 +175,9 @@ def create_app(
             raise unauthorized(request, "distribution")
         _require_json(request, DISTRIBUTION_MEDIA_TYPES)
         body = await _read_body(request, settings.max_body_bytes, settings.body_timeout_seconds)
-        return await accept(request, "distribution", parse_distribution(body, source.registry_host))
+        # A registry retries a refused envelope for ever: the good events count, the bad are reported.
+        pushes, refused = parse_distribution(body, source.registry_host)
+        return await accept(request, "distribution", pushes, refused)
 
     async def github(request: Request) -> Response:
         source = settings.github
@@ -158,7 +189,16 @@ def create_app(
         event = request.headers.get("x-github-event", "")
         if event == "ping":
             return JSONResponse({"pong": True})
-        return await accept(request, "github", parse_github(body, event))
+        # Not signed, so no proof on its own; but a replay of a delivery already accepted
+        # (captured, or resent as is) starts nothing, and GitHub's Redeliver of a delivery
+        # whose run could not be created is tried again (its id is forgotten then).
+        delivery = request.headers.get("x-github-delivery", "")
+        if not _DELIVERY_RE.fullmatch(delivery):
+            raise Refused(400, "missing or malformed X-GitHub-Delivery")
+        if receiver.known_delivery(delivery):
+            logger.warning("refused a repeated github delivery %s from %s", delivery, _client(request))
+            return JSONResponse({"accepted": [], "ignored": [], "duplicate_delivery": delivery})
+        return await accept(request, "github", parse_github(body, event), delivery=delivery)
 
     async def dockerhub(request: Request) -> Response:
         source = settings.dockerhub
@@ -204,6 +244,7 @@ def create_app(
         routes=routes,
         lifespan=lifespan,
         exception_handlers={Refused: refused, PayloadError: malformed},
+        middleware=[Middleware(InFlightLimit, limit=settings.max_concurrent_requests)],
     )
     app.state.receiver = receiver
     return app
@@ -223,24 +264,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(error, file=sys.stderr)
         return 2
-    import uvicorn
-
     logger.info(
-        "listening on %s:%d for %s; %d routes",
+        "listening on %s:%d (%s) for %s; %d routes",
         settings.listen_host,
         settings.listen_port,
+        "https" if settings.tls_certfile else "http",
         ", ".join(s for s in ("distribution", "github", "dockerhub") if getattr(settings, s) is not None),
         len(settings.routes),
     )
-    uvicorn.run(
-        app,
-        host=settings.listen_host,
-        port=settings.listen_port,
-        access_log=False,  # the Docker Hub URL carries its token
-        server_header=False,
-        limit_concurrency=settings.max_concurrent_requests,
-        timeout_keep_alive=5,
-        timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) + 1,
-        log_level="info",
-    )
+    if settings.tls_certfile is None and not _loopback(settings.listen_host):
+        logger.warning(
+            "serving plain HTTP on %s: the shared secret and the Docker Hub token cross the network in clear; "
+            "set tls_certfile/tls_keyfile or put a TLS proxy in front and listen on 127.0.0.1",
+            settings.listen_host,
+        )
+    try:
+        serve(app, settings)
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return 2
     return 0
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

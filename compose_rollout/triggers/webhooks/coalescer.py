@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from compose_rollout.triggers.tag_policy import VersionKey, version_key
+from compose_rollout.triggers.tag_policy import parse_version, version_key
 from compose_rollout.triggers.webhooks.routing import PlannedRun
+from compose_rollout.triggers.webhooks.state import Memory
 
 
 def _newer(candidate: PlannedRun, current: PlannedRun) -> bool:
@@ -30,29 +30,28 @@ class Coalescer:
     """Per fleet, the newest push of the current burst, released after the debounce.
 
     Pure: the caller passes the time (monotonic seconds). Holds at most one pending push
-    per fleet and `remembered` idempotency keys.
+    per fleet and `remembered` idempotency keys, in `memory` (which the receiver saves).
     """
 
     debounce_seconds: float
     debounce_max_seconds: float
     remembered: int = 4096
+    memory: Memory = field(default_factory=Memory)
     _pending: dict[str, _Pending] = field(default_factory=dict, init=False, repr=False)
-    _seen: OrderedDict[str, None] = field(default_factory=OrderedDict, init=False, repr=False)
-    _highest_started: dict[str, VersionKey] = field(default_factory=dict, init=False, repr=False)
 
     def offer(self, run: PlannedRun, now: float) -> str:
         """Take an accepted push; return what became of it, in words."""
         key = run.idempotency_key
-        if key in self._seen:
-            self._seen.move_to_end(key)
+        seen = self.memory.keys
+        if key in seen:
+            seen.move_to_end(key)
             return "duplicate of a push already received"
-        self._seen[key] = None
-        while len(self._seen) > self.remembered:
-            self._seen.popitem(last=False)
-        started = self._highest_started.get(run.fleet)
-        version = version_key(run.push.tag)
-        if started is not None and version is not None and version < started:
-            return f"older than {started[3]}, already started for fleet {run.fleet}"
+        seen[key] = None
+        while len(seen) > self.remembered:
+            seen.popitem(last=False)
+        refusal = self.downgrade(run)
+        if refusal is not None:
+            return refusal
         pending = self._pending.get(run.fleet)
         if pending is None:
             debounce = self.debounce_seconds if run.route.debounce_seconds is None else run.route.debounce_seconds
@@ -84,16 +83,32 @@ class Coalescer:
         self._pending.clear()
         return runs
 
+    def downgrade(self, run: PlannedRun) -> str | None:
+        """Why `run` starts nothing because it is older than its fleet's last webhook run, or None.
+
+        Registries do not promise delivery order, and a captured request can be replayed:
+        an older version deploys only where the route says `allow_downgrade: true`.
+        """
+        started = self.memory.started.get(run.fleet)
+        if started is None or run.route.allow_downgrade:
+            return None
+        new, last = parse_version(run.push.tag), parse_version(started)
+        if new is not None and last is not None and new < last:
+            return f"older than {started}, the version of fleet {run.fleet}'s last webhook run (allow_downgrade is off)"
+        return None
+
     def forget(self, run: PlannedRun) -> None:
         """Drop `run`'s idempotency key: the same push delivered again is no longer a duplicate."""
-        self._seen.pop(run.idempotency_key, None)
+        self.memory.keys.pop(run.idempotency_key, None)
 
-    def mark_started(self, run: PlannedRun) -> None:
-        """Record that `run` exists in Prefect: older versions for its fleet are ignored from now on."""
-        version = version_key(run.push.tag)
-        started = self._highest_started.get(run.fleet)
-        if version is not None and (started is None or version > started):
-            self._highest_started[run.fleet] = version
+    def mark_started(self, run: PlannedRun, created: bool = True) -> None:
+        """Record that `run` exists in Prefect: it is its fleet's last webhook run from now on
+        (a run Prefect already had, `created` False, only if it is not older)."""
+        started = self.memory.started.get(run.fleet)
+        new, last = parse_version(run.push.tag), None if started is None else parse_version(started)
+        if created or last is None or (new is not None and new >= last):
+            self.memory.started[run.fleet] = run.push.tag
+            self.memory.started.move_to_end(run.fleet)
 
     @property
     def pending_count(self) -> int:

@@ -5,12 +5,18 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
+from compose_rollout.errors import ConfigError
+from compose_rollout.images import validate_digest, validate_repository, validate_tag
+
 Source = Literal["distribution", "github", "dockerhub"]
 MAX_EVENTS_PER_REQUEST = 1000
+# Docker Hub's `pushed_at` is Unix seconds; anything past 9999-12-31 is not a time.
+_LAST_UNIX_SECOND = 253402300799
 
 
 class PayloadError(ValueError):
@@ -26,6 +32,7 @@ class Push:
     tag: str
     digest: str | None = None
     pushed_at: str | None = None  # Docker Hub's stand-in for the digest it does not send
+    pushed_time: datetime | None = None  # when the source says the push happened (aware), if it says
 
     def __str__(self) -> str:
         return f"{self.repository}:{self.tag}" + (f"@{self.digest}" if self.digest else "")
@@ -49,10 +56,21 @@ class _DistributionEvent(_Lenient):
     action: str
     target: _DistributionTarget
     request: _DistributionRequest = _DistributionRequest()
+    timestamp: str = ""
 
 
 class _DistributionEnvelope(_Lenient):
-    events: Annotated[list[_DistributionEvent], Field(max_length=MAX_EVENTS_PER_REQUEST)]
+    # Each event is checked on its own: one bad event must not refuse the good ones.
+    events: Annotated[list[Any], Field(max_length=MAX_EVENTS_PER_REQUEST)]
+
+
+@dataclass(frozen=True)
+class EventRefusal:
+    """One event of a multi-event request that was refused (the others still count)."""
+
+    index: int
+    event_id: str
+    error: str
 
 
 class _GitHubTag(_Lenient):
@@ -90,7 +108,9 @@ class _GitHubEvent(_Lenient):
 
 class _DockerHubPushData(_Lenient):
     tag: str
-    pushed_at: int | float
+    pushed_at: Annotated[
+        float, Field(allow_inf_nan=False, ge=0, le=_LAST_UNIX_SECOND, description="Unix seconds of the push.")
+    ]
 
 
 class _DockerHubRepository(_Lenient):
@@ -102,31 +122,61 @@ class _DockerHubEvent(_Lenient):
     repository: _DockerHubRepository
 
 
-def _load(model: type[_Lenient], body: bytes) -> Any:
+def _load(model: type[_Lenient], body: bytes | Any) -> Any:
     try:
-        return model.model_validate_json(body)
+        if isinstance(body, bytes):
+            return model.model_validate_json(body)
+        return model.model_validate(body)
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "body"
         raise PayloadError(f"malformed {model.__name__.strip('_')}: {where}: {first['msg']}") from None
 
 
-def parse_distribution(body: bytes, registry_host: str | None = None) -> list[Push]:
+def _aware_time(text: str) -> datetime | None:
+    """An ISO-8601 time with its offset (distribution writes RFC 3339), else None."""
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return parsed.astimezone(UTC) if parsed.tzinfo is not None else None
+
+
+def _event_id(event: Any) -> str:
+    found = event.get("id") if isinstance(event, dict) else None
+    return found[:64] if isinstance(found, str) else ""
+
+
+def parse_distribution(body: bytes, registry_host: str | None = None) -> tuple[list[Push], list[EventRefusal]]:
     """The tag pushes in a distribution notification envelope (pulls, deletes and
-    blob or by-digest pushes are skipped). The repository is `host/path`, the host
-    being `registry_host` if given, else the event's `request.host`."""
+    blob or by-digest pushes are skipped), and the push events that were malformed.
+
+    The repository is `host/path`, the host being `registry_host` if given, else the
+    event's `request.host`. A push event that is malformed or names a malformed
+    repository, tag or digest is refused on its own; only a body that is not an
+    envelope raises PayloadError.
+    """
     envelope: _DistributionEnvelope = _load(_DistributionEnvelope, body)
-    pushes = []
-    for event in envelope.events:
-        if event.action != "push" or not event.target.tag:
+    pushes: list[Push] = []
+    refused: list[EventRefusal] = []
+    for index, raw in enumerate(envelope.events):
+        if not isinstance(raw, dict) or raw.get("action") != "push":
+            continue  # not a push: nothing to start, whatever its shape
+        try:
+            event: _DistributionEvent = _load(_DistributionEvent, raw)
+            if not event.target.tag:
+                continue
+            host = registry_host or event.request.host
+            if not host:
+                raise PayloadError("a push event has no request.host; set distribution.registry_host")
+            repository = validate_repository(f"{host}/{event.target.repository}")
+            tag = validate_tag(event.target.tag)
+            digest = validate_digest(event.target.digest) if event.target.digest else None
+        except (PayloadError, ConfigError) as error:
+            refused.append(EventRefusal(index, _event_id(raw), str(error)))
             continue
-        host = registry_host or event.request.host
-        if not host:
-            raise PayloadError("a push event has no request.host; set distribution.registry_host")
-        pushes.append(
-            Push("distribution", f"{host}/{event.target.repository}", event.target.tag, event.target.digest or None)
-        )
-    return pushes
+        pushes.append(Push("distribution", repository, tag, digest, None, _aware_time(event.timestamp)))
+    return pushes, refused
 
 
 def parse_github(body: bytes, event: str) -> list[Push]:
@@ -158,7 +208,9 @@ def parse_dockerhub(body: bytes) -> list[Push]:
     """The tag push in a Docker Hub webhook (repository `docker.io/<repo_name>`)."""
     payload: _DockerHubEvent = _load(_DockerHubEvent, body)
     repository = f"docker.io/{payload.repository.repo_name}"
-    return [Push("dockerhub", repository, payload.push_data.tag, None, str(int(payload.push_data.pushed_at)))]
+    seconds = int(payload.push_data.pushed_at)
+    pushed = datetime.fromtimestamp(seconds, UTC)
+    return [Push("dockerhub", repository, payload.push_data.tag, None, str(seconds), pushed)]
 
 
 def github_signature(secret: SecretStr, body: bytes) -> str:

@@ -128,7 +128,8 @@ class PrefectRuns:
 
     async def cancel_superseded(self, run: PlannedRun, keep: FlowRunRef) -> list[str]:
         """Cancel this deployment's webhook-created runs for the same fleet that are still
-        Scheduled (not yet picked up) for a version no newer than `run`'s, except `keep`.
+        Scheduled (not yet picked up) for a version no newer than `run`'s, except `keep`,
+        by setting them Cancelling (what Prefect's own cancel does; a worker finishes it).
 
         Without this, pushes outside a maintenance window would pile up runs that all
         start when it opens, in no guaranteed order. Runs created by anything else
@@ -160,10 +161,19 @@ class PrefectRuns:
                 or old > new
             ):
                 continue
-            state = {"type": "CANCELLED", "message": f"superseded by the webhook push of {run.push}"}
+            # CANCELLING, as `prefect flow-run cancel` sends: a worker that picked the run up
+            # between the query and now stops it properly, instead of it running on unseen.
+            state = {
+                "type": "CANCELLING",
+                "name": "Cancelling",
+                "message": f"superseded by the webhook push of {run.push}",
+            }
             answer = await self._client.post(f"flow_runs/{other['id']}/set_state", json={"state": state})
             _raise_for_status(answer, f"cancelling superseded run {other['id']}")
-            if answer.json().get("status") == "ACCEPT":
+            # A Scheduled run with no infrastructure is turned Cancelled by the server itself
+            # (a REJECT carrying that state); one with infrastructure stays Cancelling.
+            result = answer.json()
+            if (result.get("state") or {}).get("type") in ("CANCELLING", "CANCELLED"):
                 cancelled.append(str(other["id"]))
         return cancelled
 

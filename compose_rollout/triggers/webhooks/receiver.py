@@ -17,6 +17,7 @@ from compose_rollout.triggers.webhooks.coalescer import Coalescer
 from compose_rollout.triggers.webhooks.prefect_runs import FlowRunRef, PrefectApiError, RunCreator
 from compose_rollout.triggers.webhooks.routing import PlannedRun
 from compose_rollout.triggers.webhooks.settings import WebhookSettings
+from compose_rollout.triggers.webhooks.state import StateFile
 from compose_rollout.triggers.windows import scheduled_start
 
 logger = logging.getLogger("compose_rollout.triggers.webhooks")
@@ -43,7 +44,12 @@ class FailedRun:
 
 
 class Receiver:
-    """Runs the coalescer's clock: starts each fleet's newest push once its burst is over."""
+    """Runs the coalescer's clock: starts each fleet's newest push once its burst is over.
+
+    Its memory (keys, delivery ids, each fleet's last started tag) is loaded from
+    `settings.state_directory` when it is made (ConfigError if the file is damaged) and
+    saved after every change.
+    """
 
     def __init__(
         self,
@@ -56,8 +62,12 @@ class Receiver:
         self.runs = runs
         self.clock = clock
         self.wall_clock = wall_clock
+        self.state = StateFile(settings.state_directory, settings.remembered_pushes)
         self.coalescer = Coalescer(
-            settings.debounce_seconds, settings.debounce_max_seconds, remembered=settings.remembered_pushes
+            settings.debounce_seconds,
+            settings.debounce_max_seconds,
+            remembered=settings.remembered_pushes,
+            memory=self.state.load(),
         )
         self.started: deque[StartedRun] = deque(maxlen=256)
         self.failed: deque[FailedRun] = deque(maxlen=256)
@@ -65,10 +75,34 @@ class Receiver:
         self._wake = asyncio.Event()
 
     def offer(self, run: PlannedRun) -> str:
-        """Hand over an accepted push (on the event loop); returns what became of it."""
+        """Hand over an accepted push (on the event loop); returns what became of it.
+        Call `save` once the request's pushes are all offered."""
         outcome = self.coalescer.offer(run, self.clock())
         self._wake.set()
         return outcome
+
+    def known_delivery(self, delivery: str) -> bool:
+        """Whether a request with this delivery id was already accepted (and not forgotten)."""
+        return delivery in self.coalescer.memory.deliveries
+
+    def remember_delivery(self, delivery: str) -> None:
+        """Record an accepted request's delivery id (saved with the next `save`)."""
+        self.coalescer.memory.deliveries[delivery] = None
+
+    def save(self) -> None:
+        """Write the memory to the state file. A disk that refuses is logged, not fatal:
+        Prefect's idempotency keys still stop duplicates of what is in memory."""
+        try:
+            self.state.save(self.coalescer.memory)
+        except OSError as error:
+            logger.error("could not save the receiver's memory to %s: %s", self.state.path, error)
+
+    def _forget(self, planned: PlannedRun) -> None:
+        # So that a redelivery (GitHub's "Redeliver", a registry retry) is tried again.
+        self.coalescer.forget(planned)
+        if planned.delivery is not None:
+            self.coalescer.memory.deliveries.pop(planned.delivery, None)
+        self.save()
 
     @property
     def idle(self) -> bool:
@@ -117,32 +151,50 @@ class Receiver:
 
     async def _start(self, planned: PlannedRun) -> None:
         try:
+            await self._create(planned)
+        finally:
+            self._in_flight.pop(planned.fleet, None)
+            self._wake.set()
+
+    async def _create(self, planned: PlannedRun) -> None:
+        # Checked again here: a newer version may have started while this push waited.
+        downgrade = self.coalescer.downgrade(planned)
+        if downgrade is not None:
+            logger.info("%s for fleet %s starts nothing: %s", planned.push, planned.fleet, downgrade)
+            return
+        try:
             # Decided when the run is created, not when the push came: the debounce may cross a window edge.
             when = scheduled_start(planned.route.maintenance_windows, self.wall_clock())
             ref = await self.runs.create_run(planned, when)
         except PrefectApiError as error:
-            # Forget the push, so that a redelivery (GitHub's "Redeliver", a registry retry) can try again.
-            self.coalescer.forget(planned)
+            self._forget(planned)
             self.failed.append(FailedRun(planned.fleet, planned.push.tag, str(error)))
             logger.error("no run started for fleet %s, tag %s: %s", planned.fleet, planned.push.tag, error)
-        else:
-            self.coalescer.mark_started(planned)
-            seconds = self.clock() - planned.received_at
-            self.started.append(StartedRun(planned.fleet, planned.push.tag, ref, seconds, when))
-            logger.info(
-                "%s flow run %s (%s) for fleet %s, tag %s, %.3f s after the push%s",
-                "created" if ref.created else "found existing",
-                ref.name,
-                ref.id,
-                planned.fleet,
-                planned.push.tag,
-                seconds,
-                f", scheduled for the next maintenance window at {when.isoformat()}" if when else "",
-            )
-            await self._cancel_superseded(planned, ref)
-        finally:
-            self._in_flight.pop(planned.fleet, None)
-            self._wake.set()
+            return
+        except asyncio.CancelledError:
+            self._forget(planned)  # shutting down before Prefect answered: a redelivery may try again
+            raise
+        except Exception as error:
+            # Whatever went wrong, the push must not stay "seen" with no run to show for it.
+            self._forget(planned)
+            self.failed.append(FailedRun(planned.fleet, planned.push.tag, f"{type(error).__name__}: {error}"))
+            logger.exception("no run started for fleet %s, tag %s: unexpected error", planned.fleet, planned.push.tag)
+            return
+        self.coalescer.mark_started(planned, ref.created)
+        self.save()
+        seconds = self.clock() - planned.received_at
+        self.started.append(StartedRun(planned.fleet, planned.push.tag, ref, seconds, when))
+        logger.info(
+            "%s flow run %s (%s) for fleet %s, tag %s, %.3f s after the push%s",
+            "created" if ref.created else "found existing",
+            ref.name,
+            ref.id,
+            planned.fleet,
+            planned.push.tag,
+            seconds,
+            f", scheduled for the next maintenance window at {when.isoformat()}" if when else "",
+        )
+        await self._cancel_superseded(planned, ref)
 
     async def _cancel_superseded(self, planned: PlannedRun, ref: FlowRunRef) -> None:
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from compose_rollout.images import validate_digest, validate_repository, validate_tag
 from compose_rollout.triggers.tag_policy import rejection_reason
@@ -18,6 +19,9 @@ class PlannedRun:
     route: WebhookRoute
     push: Push
     received_at: float = 0.0  # the receiver's clock, for the webhook-to-run latency
+    # When the push was asked for: the source's push time, or when it was received (aware, UTC).
+    requested_at: datetime | None = None
+    delivery: str | None = None  # the source's delivery id (GitHub's X-GitHub-Delivery), if any
 
     @property
     def fleet(self) -> str:
@@ -32,12 +36,19 @@ class PlannedRun:
 
     @property
     def parameters(self) -> dict[str, str]:
-        """The flow run's parameters (`rolling_deploy(fleet_file, tag, triggered_by=...)`)."""
-        return {
+        """The flow run's parameters (`rolling_deploy(fleet_file, tag, triggered_by=..., requested_at=...)`).
+
+        `requested_at` lets the flow's newest-request rule order this push against runs
+        asked for by other means (an urgent deploy made while this one waits for a window).
+        """
+        parameters = {
             "fleet_file": self.route.fleet_file,
             "tag": self.push.tag,
             "triggered_by": f"webhook:{self.push.source} push of {self.push}",
         }
+        if self.requested_at is not None:
+            parameters["requested_at"] = self.requested_at.astimezone(UTC).isoformat()
+        return parameters
 
 
 @dataclass(frozen=True)
@@ -57,12 +68,28 @@ def validate_push(push: Push) -> None:
         validate_digest(push.digest)
 
 
+def requested_time(push: Push, received: datetime) -> datetime:
+    """When `push` was asked for: the source's own push time if it gives one that is not
+    after `received` (a registry clock running ahead must not make a push look newer than
+    it is), else `received`."""
+    received = received.astimezone(UTC)
+    if push.pushed_time is not None and push.pushed_time <= received:
+        return push.pushed_time.astimezone(UTC)
+    return received
+
+
 def plan_runs(
-    pushes: Sequence[Push], routes: Sequence[WebhookRoute], received_at: float = 0.0
+    pushes: Sequence[Push],
+    routes: Sequence[WebhookRoute],
+    received_at: float = 0.0,
+    received_wall: datetime | None = None,
+    delivery: str | None = None,
 ) -> tuple[list[PlannedRun], list[Ignored]]:
     """Which pushes start runs for which fleets; the rest with the reason they start nothing.
 
-    Call `validate_push` on every push first: this assumes well-formed values.
+    `received_wall` (aware) is when the request came, for the runs' `requested_at`;
+    `delivery` the source's delivery id. Call `validate_push` on every push first: this
+    assumes well-formed values.
     """
     planned: list[PlannedRun] = []
     ignored: list[Ignored] = []
@@ -74,7 +101,8 @@ def plan_runs(
         for route in matching:
             reason = rejection_reason(push.tag, route.tags)
             if reason is None:
-                planned.append(PlannedRun(route, push, received_at))
+                requested = None if received_wall is None else requested_time(push, received_wall)
+                planned.append(PlannedRun(route, push, received_at, requested, delivery))
             else:
                 ignored.append(Ignored(push.repository, push.tag, f"fleet {route.fleet}: tag {push.tag} {reason}"))
     return planned, ignored

@@ -143,6 +143,15 @@ class WebhookRoute(_Strict):
         MaintenanceWindows,
         Field(description="The fleet's windows: a run for a push outside them is scheduled for the next window start."),
     ] = []
+    allow_downgrade: Annotated[
+        bool,
+        Field(
+            description=(
+                "Start a run for a version older than the one this fleet's last webhook run was for. "
+                "Off: such a push (a late or replayed delivery) starts nothing."
+            )
+        ),
+    ] = False
 
     @field_validator("repository")
     @classmethod
@@ -187,9 +196,42 @@ class WebhookSettings(YamlSettings):
         int, Field(ge=1024, le=16 * 1024 * 1024, description="Larger requests are refused (413) unread.")
     ] = 1024 * 1024
     body_timeout_seconds: Annotated[float, Field(gt=0, le=120, description="Limit for reading one body.")] = 10.0
+    header_timeout_seconds: Annotated[
+        float,
+        Field(
+            gt=0,
+            le=120,
+            description=(
+                "A connection whose request line and headers are not complete this long after it opened "
+                "(or after its first byte, on a kept-alive connection) is closed."
+            ),
+        ),
+    ] = 10.0
+    keep_alive_seconds: Annotated[
+        int, Field(ge=1, le=300, description="An idle kept-alive connection is closed after this long.")
+    ] = 5
     max_concurrent_requests: Annotated[
-        int, Field(ge=1, le=10000, description="Connections beyond this get 503 (uvicorn's limit_concurrency).")
+        int,
+        Field(
+            ge=1,
+            le=10000,
+            description="Requests in progress beyond this get 503 (idle or half-sent connections do not count).",
+        ),
     ] = 64
+    tls_certfile: Annotated[
+        Path | None,
+        Field(description="Serve HTTPS with this PEM certificate (chain); needs tls_keyfile. Default: plain HTTP."),
+    ] = None
+    tls_keyfile: Annotated[Path | None, Field(description="The PEM private key of tls_certfile.")] = None
+    state_directory: Annotated[
+        Path,
+        Field(
+            description=(
+                "Where the receiver keeps what must survive a restart: recent push keys and delivery ids "
+                "(replays) and each fleet's last started version (downgrades). One receiver per directory."
+            )
+        ),
+    ] = Path("~/.local/state/compose-rollout/webhooks")
     debounce_seconds: Annotated[
         float, Field(ge=0, le=600, description="Quiet time after a fleet's last push before its newest push starts.")
     ] = 5.0
@@ -197,7 +239,12 @@ class WebhookSettings(YamlSettings):
         float, Field(ge=0, le=3600, description="A burst starts at most this long after its first push.")
     ] = 60.0
     remembered_pushes: Annotated[
-        int, Field(ge=16, le=1_000_000, description="Recent idempotency keys kept to drop duplicate deliveries.")
+        int,
+        Field(
+            ge=16,
+            le=65536,
+            description="Recent idempotency keys (and as many delivery ids) kept, across restarts, to drop repeats.",
+        ),
     ] = 4096
     shutdown_grace_seconds: Annotated[
         float, Field(ge=0, le=120, description="On shutdown, time to start pending pushes and finish calls.")
@@ -214,6 +261,8 @@ class WebhookSettings(YamlSettings):
             raise ValueError("configure at least one source: distribution, github or dockerhub")
         if self.debounce_max_seconds < self.debounce_seconds:
             raise ValueError("debounce_max_seconds must be at least debounce_seconds")
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError("set both tls_certfile and tls_keyfile, or neither")
         pairs = [(repository_key(r.repository), r.fleet) for r in self.routes]
         duplicates = sorted(
             {f"{repo[0]}/{repo[1]} → {fleet}" for repo, fleet in pairs if pairs.count((repo, fleet)) > 1}
