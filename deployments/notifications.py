@@ -1,6 +1,6 @@
 """Tell someone when a rollout fails (and was rolled back) or crashes: a Prefect automation.
 
-    PREFECT_API_URL=http://prefect:4200/api python -m deployments.notifications \\
+    PREFECT_API_URL=http://prefect:4200/api python -m compose_rollout.deployments.notifications \\
         --slack-webhook-url https://hooks.slack.com/services/...      # or
         --webhook-url https://alerts.example/hook                      # a JSON POST
 
@@ -79,7 +79,7 @@ def ensure_automation(block_id: UUID) -> Automation:
 
 
 def main(argv: list[str] | None = None) -> int:
-    options = argparse.ArgumentParser(prog="python -m deployments.notifications", description=__doc__)
+    options = argparse.ArgumentParser(prog="python -m compose_rollout.deployments.notifications", description=__doc__)
     target = options.add_mutually_exclusive_group(required=True)
     target.add_argument("--webhook-url", help="POST a JSON {subject, body} to this URL")
     target.add_argument("--slack-webhook-url", help="a Slack incoming-webhook URL")

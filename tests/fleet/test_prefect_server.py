@@ -253,6 +253,7 @@ def test_a_push_to_the_registry_moves_the_fleet(fresh_fleet: Testbed, stack: Sta
             {
                 "listen_port": port,
                 "debounce_seconds": 0.5,
+                "state_directory": str(tmp_path / "webhook-state"),
                 "prefect": {"api_url": api},
                 "distribution": {"authorization": secret, "registry_host": bed.registry},
                 "routes": [

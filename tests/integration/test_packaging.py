@@ -7,6 +7,8 @@ where they would shadow another project's `tasks` module (a Celery app's, say).
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,9 +22,24 @@ def _run(argv: list[str], cwd: Path) -> str:
     return done.stdout
 
 
+def _checkout(destination: Path) -> Path:
+    """The files git tracks, links kept as links: what a fresh clone builds (a work tree's
+    build/ may still hold modules that no longer exist)."""
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True, timeout=60)
+    for name in filter(None, listed.stdout.decode().split("\0")):
+        source, target = REPO / name, destination / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_symlink():
+            target.symlink_to(os.readlink(source))
+        elif source.is_file():
+            shutil.copy2(source, target)
+    return destination
+
+
 def test_the_wheel_installs_one_top_level_package_holding_the_flows_tasks_and_deployments(tmp_path: Path) -> None:
+    source = _checkout(tmp_path / "src")
     _run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(tmp_path / "dist"), str(REPO)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(tmp_path / "dist"), str(source)],
         tmp_path,
     )
     [wheel] = (tmp_path / "dist").glob("compose_rollout-*.whl")

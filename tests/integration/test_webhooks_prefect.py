@@ -222,8 +222,8 @@ def test_a_registry_push_creates_a_flow_run_with_the_pushed_tag(
     median, worst = statistics.median(latencies), max(latencies)
     record_property("webhook_to_run_seconds_median", round(median, 4))
     record_property("webhook_to_run_seconds_max", round(worst, 4))
+    # Recorded, not asserted: how fast is the benchmarks' business (BENCHMARKS.md).
     print(f"\nwebhook-to-run latency (debounce 0): median {median * 1000:.0f} ms, max {worst * 1000:.0f} ms")
-    assert worst < 5.0
 
 
 @pytest.mark.timeout(180)

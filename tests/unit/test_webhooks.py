@@ -878,9 +878,10 @@ def test_shutdown_is_bounded_even_when_prefect_hangs(
     # A second push for the same fleet waits for the first call to finish.
     h.post_distribution(distribution_envelope(("acme/app", "1.4.3", DIGEST_2)))
     assert h.on_loop(lambda: (h.receiver.coalescer.pending_count, h.receiver.creating)) == (1, 1)
-    started = time.monotonic()
-    h.close()
-    assert time.monotonic() - started < 5
+    closing = threading.Thread(target=h.close)
+    closing.start()
+    closing.join(timeout=60)  # a hang detector, far above the 0.2 s grace; no speed is asserted
+    assert not closing.is_alive(), "shutdown waited for Prefect, which never answers"
     assert "1.4.3@" in caplog.text and "not started (a run is still being created)" in caplog.text
 
 
