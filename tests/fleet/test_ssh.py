@@ -11,7 +11,10 @@ import logging
 import os
 import shutil
 import socket
+import socketserver
 import stat
+import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +25,7 @@ import pytest
 from compose_rollout.errors import RemoteError
 from compose_rollout.hosts import ssh
 from compose_rollout.hosts.ssh import SshHost
+from compose_rollout.lb.haproxy import HaproxyClient
 from compose_rollout.testbed import sshd
 from compose_rollout.testbed._util import Daemon, run, tcp_accepts, wait_for
 
@@ -147,6 +151,42 @@ def test_output_beyond_the_cap_is_refused(host: SshHost, big_file: tuple[Path, b
     copies = ssh.MAX_OUTPUT_BYTES // len(content) + 2
     with pytest.raises(RemoteError, match=r"more than \d+ bytes of output"):
         host.run(["sh", "-c", 'for i in $(seq "$2"); do cat "$1"; done', "sh", str(path), str(copies)], timeout=30)
+
+
+class _StatsSocket(socketserver.StreamRequestHandler):
+    """HAProxy's admin socket as `socat` on the LB host meets it: one command, one answer."""
+
+    servers = 4000
+
+    def handle(self) -> None:
+        command = self.rfile.readline().strip()
+        names = [f"app-{number}" for number in range(self.servers)]
+        if command == b"show stat":
+            # A wide row, as HAProxy's (~80 columns): several hundred KB for the backend.
+            rows = [f"app,{name},1,UP,L7OK,{'x' * 100}" for name in names]
+            answer = "# pxname,svname,scur,status,check_status,padding\n" + "\n".join(rows) + "\n\n"
+        else:
+            rows = [f"3 app {number} {name} 127.0.0.1 2 0" for number, name in enumerate(names)]
+            answer = "1\n# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state\n" + "\n".join(rows)
+        self.wfile.write(answer.encode())
+
+
+def test_show_stat_over_ssh_sees_every_server(server: Server, host: SshHost) -> None:
+    # The drain counts sessions from `show stat` read through socat over SSH: a row lost to a
+    # short read is a server with 0 sessions while its requests are still in flight.
+    directory = tempfile.mkdtemp(prefix="haproxy-")  # short: a unix socket path has 107 bytes
+    path = os.path.join(directory, "admin.sock")
+    with socketserver.ThreadingUnixStreamServer(path, _StatsSocket) as stats:
+        threading.Thread(target=stats.serve_forever, daemon=True).start()
+        try:
+            lb = HaproxyClient(f"ssh://{server.address}:{server.port}{path}", "app", timeout=10.0, host=host)
+            for _ in range(10):
+                servers = lb.servers()
+                assert len(servers) == _StatsSocket.servers
+                assert sum(state.sessions for state in servers.values()) == _StatsSocket.servers
+        finally:
+            stats.shutdown()
+    shutil.rmtree(directory)
 
 
 # --- keepalive -----------------------------------------------------------------------------------------------------
