@@ -292,21 +292,23 @@ def test_planted_symlink_at_the_temp_name_is_refused(
 def test_temp_file_is_never_readable_beyond_the_final_mode(
     host: SshHost, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Fault injected mid-write: the first write of data looks at the temp file on disk (its
-    # mode then is what any other user could have opened it with) and fails.
+    # Fault injected at the first thing done to the temp file after it is created (chown,
+    # chmod or the first write of data): look at it on disk (its mode then is what any other
+    # user could have opened it with, and an open file stays readable after a chmod) and fail.
     target = tmp_path / "compose.yaml"
     target.write_bytes(b"password: hunter2\n")
     target.chmod(0o600)
     seen: list[tuple[str, int]] = []
 
-    def fail_mid_write(self: paramiko.SFTPFile, data: bytes) -> None:
+    def fail_at_first_touch(self: paramiko.SFTPFile, *args: object) -> None:
         for name in os.listdir(tmp_path):
             if name != "compose.yaml":
                 seen.append((name, stat.S_IMODE((tmp_path / name).stat().st_mode)))
         raise OSError("injected: disk gone mid-write")
 
-    monkeypatch.setattr(paramiko.SFTPFile, "write", fail_mid_write)
-    with pytest.raises(RemoteError, match=r"original left intact\): injected"):
+    for method in ("chown", "chmod", "write"):
+        monkeypatch.setattr(paramiko.SFTPFile, method, fail_at_first_touch)
+    with pytest.raises(RemoteError, match=r"original left intact\): .*injected"):
         host.write_file_atomic(str(target), b"password: swordfish\n", 0o600)
     assert len(seen) == 1 and seen[0][1] == 0o600, seen
     assert os.listdir(tmp_path) == ["compose.yaml"]
