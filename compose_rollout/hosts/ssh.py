@@ -3,12 +3,17 @@
 One `SshHost` per host holds one connection for the whole run (commands and SFTP are
 channels on it), verifies the host key against a known_hosts file (RejectPolicy
 semantics: unknown or changed keys are refused with their fingerprint), and bounds
-every connect, command and file operation with a timeout.
+every connect, command and file operation with a timeout. The connection sends a
+keepalive when idle, so a long wait (a drain) does not lose it to a NAT or firewall.
+
+Files are written with OpenSSH's SFTP extensions (`posix-rename@openssh.com`,
+`fsync@openssh.com`, OpenSSH 6.5 or later) and the host's `sync` command.
 """
 
 from __future__ import annotations
 
 import posixpath
+import secrets
 import select
 import shlex
 import stat
@@ -19,12 +24,18 @@ from pathlib import Path
 from typing import Protocol
 
 import paramiko
+from paramiko.sftp import CMD_EXTENDED, CMD_HANDLE, CMD_OPEN, SFTP_FLAG_CREATE, SFTP_FLAG_EXCL, SFTP_FLAG_WRITE
 from pydantic import SecretStr
 
 from compose_rollout.errors import CommandFailed, CommandTimeout, ConnectError, HostKeyError, RemoteError
 
 MAX_FILE_BYTES = 1024 * 1024
 MAX_OUTPUT_BYTES = 4 * 1024 * 1024
+# Seconds of silence after which the connection sends a keepalive; NATs and firewalls
+# commonly drop idle TCP flows after a few minutes, a drain wait can be longer.
+KEEPALIVE_SECONDS = 15
+# fsync of the directory after the rename (there is no SFTP request for it).
+SYNC_TIMEOUT_SECONDS = 30
 
 
 @dataclass(frozen=True)
@@ -61,6 +72,8 @@ class Executor(Protocol):
 
     def remove_directory(self, path: str) -> None: ...
 
+    def list_directory(self, path: str) -> list[str]: ...
+
     def close(self) -> None: ...
 
 
@@ -90,6 +103,7 @@ class SshHost:
         known_hosts_file: Path,
         connect_timeout: float,
         key_passphrase: SecretStr | None = None,
+        keepalive_seconds: int = KEEPALIVE_SECONDS,
     ) -> None:
         self.name = name
         self.hostname = hostname
@@ -99,6 +113,7 @@ class SshHost:
         self.known_hosts_file = known_hosts_file.expanduser()
         self.connect_timeout = connect_timeout
         self._passphrase = key_passphrase
+        self.keepalive_seconds = keepalive_seconds
         self._lock = threading.Lock()
         self._client: paramiko.SSHClient | None = None
         self._sftp: paramiko.SFTPClient | None = None
@@ -154,6 +169,9 @@ class SshHost:
         except (OSError, paramiko.SSHException) as error:
             client.close()
             raise ConnectError(f"{where}: cannot connect: {error or type(error).__name__}") from None
+        transport = client.get_transport()
+        if transport is not None:
+            transport.set_keepalive(self.keepalive_seconds)
         return client
 
     def run(self, argv: list[str], timeout: float, check: bool = True, stdin: bytes = b"") -> Result:
@@ -172,20 +190,31 @@ class SshHost:
         out, err = bytearray(), bytearray()
         deadline = time.monotonic() + timeout
         try:
+            # Read both streams to EOF, not just until the exit status: OpenSSH sends the
+            # status when the process exits, while its last output may still sit in the pipe
+            # (or come from a child that outlives it). A `show stat` cut short fails open.
             while True:
                 while channel.recv_ready():
                     out += channel.recv(65536)
                 while channel.recv_stderr_ready():
                     err += channel.recv_stderr(65536)
-                if channel.exit_status_ready() and not channel.recv_ready() and not channel.recv_stderr_ready():
+                if len(out) + len(err) > MAX_OUTPUT_BYTES:
+                    raise RemoteError(
+                        f"{self.name}: `{command}` wrote more than {MAX_OUTPUT_BYTES} bytes of output; "
+                        "refusing to read more"
+                    )
+                at_eof = (channel.eof_received or channel.closed) and not (
+                    channel.recv_ready() or channel.recv_stderr_ready()
+                )
+                if at_eof and channel.exit_status_ready():
                     break
-                if channel.closed and not channel.exit_status_ready():
-                    raise ConnectError(f"{self.name}: connection closed while running `{command}`")
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or len(out) + len(err) > MAX_OUTPUT_BYTES:
+                if remaining <= 0:
                     raise CommandTimeout(self.name, command, timeout, (out + err).decode(errors="replace"))
-                # Wakes on stdout, stderr or close; the cap only bounds a missed wake-up.
-                select.select([channel], [], [], min(remaining, 0.5))
+                if at_eof:  # the exit status may follow the EOF
+                    channel.status_event.wait(min(remaining, 0.5))
+                else:  # wakes on stdout, stderr or EOF; the cap only bounds a missed wake-up
+                    select.select([channel], [], [], min(remaining, 0.5))
             code = channel.recv_exit_status()
         except OSError as error:
             raise ConnectError(f"{self.name}: connection failed while running `{command}`: {error}") from None
@@ -229,25 +258,82 @@ class SshHost:
             raise RemoteError(f"{self.name}: cannot stat {path}: {error}") from None
 
     def write_file_atomic(self, path: str, data: bytes, mode: int) -> None:
-        """Replace `path` with `data`: write a temp file beside it, flush it, rename it over.
+        """Replace the file at `path` with `data` (permission bits `mode`), all or nothing.
 
-        A failure at any point (a full disk, say) leaves the original file untouched.
+        The file replaced keeps its owner and group; if `path` is a symlink, its target is
+        replaced and the symlink stays. The data goes to a temp file beside it, created
+        exclusively (a planted file or symlink is never followed) under a random name with
+        no more than `mode` from the start, fsynced, then renamed over; the directory is
+        synced after. A failure before the rename (a full disk, say) leaves the original
+        untouched and removes the temp file.
         """
-        directory, base = posixpath.split(path)
-        temp = posixpath.join(directory, f".{base}.rollout-tmp")
         sftp = self._sftp_client()
+        target, existing = self._write_target(sftp, path)
+        directory, base = posixpath.split(target)
+        temp = posixpath.join(directory or ".", f".{base}.{_random_suffix()}.rollout-tmp")
+        created = False
         try:
-            with sftp.open(temp, "wb") as handle:
+            with _create_exclusive(sftp, temp, mode) as handle:
+                created = True
+                if existing is not None and existing.st_uid is not None and existing.st_gid is not None:
+                    # Owner first: chown clears setuid/setgid, so the mode is set after it.
+                    try:
+                        handle.chown(existing.st_uid, existing.st_gid)
+                    except OSError as error:
+                        raise OSError(f"cannot keep its owner {existing.st_uid}:{existing.st_gid}: {error}") from None
+                handle.chmod(mode)  # exactly `mode`: the server's umask only narrowed it
                 handle.write(data)
-            sftp.chmod(temp, mode)
-            self.run(["sync", temp], timeout=30)
-            sftp.posix_rename(temp, path)
-        except (OSError, paramiko.SSHException, RemoteError) as error:
-            try:
-                sftp.remove(temp)
-            except (OSError, paramiko.SSHException):
-                pass
-            raise RemoteError(f"{self.name}: could not write {path} (original left intact): {error}") from None
+                handle.flush()
+                sftp._request(CMD_EXTENDED, "fsync@openssh.com", handle.handle)  # type: ignore[attr-defined]
+            sftp.posix_rename(temp, target)
+        except (OSError, paramiko.SSHException) as error:
+            if created:  # only ours: a name someone planted is left for the operator to see
+                try:
+                    sftp.remove(temp)
+                except (OSError, paramiko.SSHException):
+                    pass
+            reason = str(error) or type(error).__name__
+            if not created and self._exists(sftp, temp):
+                reason = f"something already exists at the temp name {temp} (not ours: left alone)"
+            raise RemoteError(f"{self.name}: could not write {path} (original left intact): {reason}") from None
+        # The rename is durable only once the directory is; SFTP has no request for that.
+        try:
+            self.run(["sync", "--", directory or "."], timeout=SYNC_TIMEOUT_SECONDS)
+        except RemoteError as error:
+            raise RemoteError(
+                f"{self.name}: wrote {path}, but could not sync its directory {directory}: {error}"
+            ) from None
+
+    @staticmethod
+    def _exists(sftp: paramiko.SFTPClient, path: str) -> bool:
+        # OpenSSH answers an O_EXCL open of an existing name with a bare "Failure"; look.
+        try:
+            sftp.lstat(path)
+        except (OSError, paramiko.SSHException):
+            return False
+        return True
+
+    def _write_target(self, sftp: paramiko.SFTPClient, path: str) -> tuple[str, paramiko.SFTPAttributes | None]:
+        """The file a write to `path` replaces (a symlink's target, resolved on the host) and
+        its attributes, or (`path`, None) when nothing is there yet."""
+        try:
+            link = sftp.lstat(path)
+        except FileNotFoundError:
+            return path, None
+        except (OSError, paramiko.SSHException) as error:
+            raise RemoteError(f"{self.name}: cannot stat {path}: {error}") from None
+        target = path
+        try:
+            if stat.S_ISLNK(link.st_mode or 0):
+                target = sftp.normalize(path)
+            existing = sftp.stat(target)
+        except FileNotFoundError:
+            raise RemoteError(f"{self.name}: {path} is a dangling symlink; refusing to replace it") from None
+        except (OSError, paramiko.SSHException) as error:
+            raise RemoteError(f"{self.name}: cannot resolve {path}: {error}") from None
+        if not stat.S_ISREG(existing.st_mode or 0):
+            raise RemoteError(f"{self.name}: {path} is not a regular file; refusing to replace it")
+        return target, existing
 
     def remove_file(self, path: str) -> None:
         """Remove a remote file if it exists."""
@@ -281,6 +367,24 @@ class SshHost:
         except (OSError, paramiko.SSHException) as error:
             raise RemoteError(f"{self.name}: cannot remove {path}: {error}") from None
 
+    def list_directory(self, path: str) -> list[str]:
+        """The names in a remote directory (no `.` or `..`); [] if it does not exist."""
+        sftp = self._sftp_client()
+        try:
+            return sftp.listdir(path)
+        except FileNotFoundError:
+            pass
+        except (OSError, paramiko.SSHException) as error:
+            raise RemoteError(f"{self.name}: cannot list {path}: {error}") from None
+        # OpenSSH answers "no such file" for a path that is not a directory as well.
+        try:
+            sftp.stat(path)
+        except FileNotFoundError:
+            return []
+        except (OSError, paramiko.SSHException) as error:
+            raise RemoteError(f"{self.name}: cannot list {path}: {error}") from None
+        raise RemoteError(f"{self.name}: cannot list {path}: not a directory")
+
     def _close_locked(self) -> None:
         for closable in (self._sftp, self._client):
             if closable is not None:
@@ -295,3 +399,26 @@ class SshHost:
         """Close the connection (a later call reconnects)."""
         with self._lock:
             self._close_locked()
+
+
+def _random_suffix() -> str:
+    """The unpredictable part of a temp file's name."""
+    return secrets.token_hex(8)
+
+
+def _create_exclusive(sftp: paramiko.SFTPClient, path: str, mode: int) -> paramiko.SFTPFile:
+    """Open a new file for writing: O_CREAT|O_EXCL, with `mode` given at creation.
+
+    `SFTPClient.open(path, "x")` cannot pass attributes, so the file would first exist with
+    the server's default mode (often world-readable) and a reader who opened it then would
+    keep reading after a chmod. Hence the raw SSH_FXP_OPEN request, with the permission bits
+    (never setuid/setgid/sticky before the owner is set) in its attributes.
+    """
+    attributes = paramiko.SFTPAttributes()
+    attributes.st_mode = mode & 0o777
+    kind, message = sftp._request(  # type: ignore[attr-defined]
+        CMD_OPEN, path, SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_EXCL, attributes
+    )
+    if kind != CMD_HANDLE:
+        raise paramiko.SSHException(f"unexpected answer to opening {path}")
+    return paramiko.SFTPFile(sftp, message.get_binary(), "wb")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 import socket
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -115,9 +116,36 @@ class RemoteRunner(Protocol):
     def run(self, argv: list[str], timeout: float, check: bool = True, stdin: bytes = b"") -> Any: ...
 
 
+# socat parses the socket path as part of its own address syntax: `,` starts options
+# (`,fork`, `,exec=...`), `!!` splits read and write addresses, `:` ends an address type,
+# quotes and `\` escape. Shell quoting does not help there; only a conservative character
+# set keeps the path a file name.
+SOCKET_PATH_RE = re.compile(r"(/[A-Za-z0-9._-]+)+")
+
+
+def check_socket_path(path: str) -> str:
+    """`path` if it is safe to give socat as a unix socket, else a LoadBalancerError naming it."""
+    if not SOCKET_PATH_RE.fullmatch(path):
+        raise LoadBalancerError(
+            f"HAProxy admin socket path {path!r} is refused: it must be an absolute path of letters, "
+            "digits and . _ - / only (socat would read , ! : quotes, backslashes or spaces as its own syntax)"
+        )
+    return path
+
+
+def ssh_socket_path(address: str) -> str:
+    """The unix socket path of an `ssh://HOST[:PORT]/path` address, checked."""
+    _, slash, path = address.removeprefix("ssh://").partition("/")
+    if not slash:
+        raise LoadBalancerError(
+            f"{address} is refused: an ssh:// address needs the socket's path (ssh://HOST[:PORT]/path)"
+        )
+    return check_socket_path("/" + path)
+
+
 def socat_argv(socket_path: str, timeout: float) -> list[str]:
     """Talk to a unix socket on the LB host: stdin to the socket, the answer to stdout."""
-    return ["socat", f"-t{max(1, round(timeout))}", "-", f"UNIX-CONNECT:{socket_path}"]
+    return ["socat", f"-t{max(1, round(timeout))}", "-", f"UNIX-CONNECT:{check_socket_path(socket_path)}"]
 
 
 class HaproxyClient:
@@ -129,8 +157,11 @@ class HaproxyClient:
         self.backend = backend
         self.timeout = timeout
         self.host = host
-        if address.startswith("ssh://") and host is None:
-            raise LoadBalancerError(f"{address}: an SSH address needs the LB host's connection")
+        self._socket_path = ""
+        if address.startswith("ssh://"):
+            if host is None:
+                raise LoadBalancerError(f"{address}: an SSH address needs the LB host's connection")
+            self._socket_path = ssh_socket_path(address)  # refused here, before any command runs
 
     def _open(self) -> socket.socket:
         if self.address.startswith("unix://"):
@@ -151,10 +182,9 @@ class HaproxyClient:
     def command(self, text: str) -> str:
         """Send one command; return HAProxy's answer."""
         if self.host is not None:
-            path = "/" + self.address[len("ssh://") :].split("/", 1)[1]
             try:
                 result = self.host.run(
-                    socat_argv(path, self.timeout), timeout=self.timeout + 5, stdin=text.encode() + b"\n"
+                    socat_argv(self._socket_path, self.timeout), timeout=self.timeout + 5, stdin=text.encode() + b"\n"
                 )
             except RolloutError as error:
                 raise LoadBalancerError(f"HAProxy admin socket {self.address} unreachable: {error}") from None

@@ -3,6 +3,7 @@ stateful fake stats socket (one command per connection, as HAProxy's non-interac
 
 from __future__ import annotations
 
+import re
 import socket
 import socketserver
 import threading
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from compose_rollout.errors import LoadBalancerError
+from compose_rollout.hosts.ssh import Result
 from compose_rollout.lb.haproxy import (
     SHOW_STAT,
     HaproxyClient,
@@ -21,6 +23,7 @@ from compose_rollout.lb.haproxy import (
     set_server_state,
     show_servers_state,
     shutdown_sessions,
+    socat_argv,
 )
 
 # Captured from HAProxy 2.6.12 (`stats socket ... level admin`): backend `app` with app-1 UP holding two
@@ -529,3 +532,60 @@ def test_silent_socket_times_out():
             HaproxyClient(address, "app", timeout=0.1).set_state("app-1", "drain")
     assert address in str(caught.value)
     assert "set server app/app-1 state drain" in str(caught.value)
+
+
+# --- ssh:// addresses: the socket path reaches socat's address syntax ----------------------------------------------
+
+
+class RecordingHost:
+    """An LB host that records what it is asked to run and answers like socat would."""
+
+    def __init__(self, answer: str = "") -> None:
+        self.answer = answer
+        self.runs: list[tuple[list[str], bytes]] = []
+
+    def run(self, argv: list[str], timeout: float, check: bool = True, stdin: bytes = b"") -> Result:
+        self.runs.append((argv, stdin))
+        return Result("lb", " ".join(argv), 0, self.answer, "")
+
+
+def test_ssh_address_runs_socat_on_the_socket_path():
+    host = RecordingHost(answer="")
+    HaproxyClient("ssh://lb:2222/run/haproxy/admin.sock", "app", timeout=2.0, host=host).set_state("app-1", "drain")
+    assert host.runs == [
+        (["socat", "-t2", "-", "UNIX-CONNECT:/run/haproxy/admin.sock"], b"set server app/app-1 state drain\n")
+    ]
+
+
+HOSTILE_SOCKET_PATHS = [
+    "/run/haproxy.sock,fork",  # `,` starts socat options
+    "/tmp/x,exec=/bin/sh",
+    "/run/a.sock!!EXEC:id",  # `!!` splits socat's read and write addresses
+    "/run/a:b",  # `:` separates an address type from its parameters
+    "/run/admin sock",
+    "/run/'admin'.sock",
+    '/run/"admin".sock',
+    "/run/a\\,b.sock",
+    "/run/a\nb.sock",
+    "/run/a;id",
+    "/run/haproxy/",
+]
+
+
+@pytest.mark.parametrize("path", HOSTILE_SOCKET_PATHS)
+def test_hostile_ssh_socket_path_is_refused_before_anything_runs(path: str):
+    host = RecordingHost()
+    with pytest.raises(LoadBalancerError, match=re.escape(repr(path))):
+        HaproxyClient(f"ssh://lb{path}", "app", timeout=2.0, host=host)
+    assert host.runs == []
+
+
+@pytest.mark.parametrize("path", [*HOSTILE_SOCKET_PATHS, "run/relative.sock", ""])
+def test_socat_argv_refuses_a_hostile_socket_path(path: str):
+    with pytest.raises(LoadBalancerError, match=re.escape(repr(path))):
+        socat_argv(path, 2.0)
+
+
+def test_ssh_address_without_a_socket_path_is_refused():
+    with pytest.raises(LoadBalancerError, match=r"ssh://lb:2222 .*needs the socket's path"):
+        HaproxyClient("ssh://lb:2222", "app", timeout=2.0, host=RecordingHost())
