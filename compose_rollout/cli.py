@@ -75,7 +75,7 @@ def _journals(fleet: Fleet) -> tuple[FleetJournals, Context]:
     """The fleet's journals, here and on its first host (a host that cannot be reached
     leaves this machine's, said on stderr)."""
     ctx = Context.connect(fleet)
-    journals = FleetJournals(fleet, ctx.hosts[fleet.instances[0].name], fleet.ssh.command_timeout_seconds)
+    journals = FleetJournals(fleet, ctx.hosts[fleet.instances[0].name])
     return journals, ctx
 
 

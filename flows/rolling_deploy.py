@@ -487,7 +487,7 @@ def rolling_deploy(
     )
     ctx = Context.connect(fleet)
     try:
-        journals = FleetJournals(fleet, ctx.hosts[fleet.instances[0].name], fleet.ssh.command_timeout_seconds)
+        journals = FleetJournals(fleet, ctx.hosts[fleet.instances[0].name])
         journals.attach(ledger)
         lease = lock.acquire(ctx, holder, take_over=_take_over(fleet, journals))
         if lease.stale is not None:
@@ -616,7 +616,7 @@ def recover_fleet(fleet_file: str, i_checked: bool = False) -> str:
     ctx = Context.connect(fleet)
     holder = lock.me(f"recover-{int(time.time())}", "recovery")
     try:
-        journals = FleetJournals(fleet, ctx.hosts[fleet.instances[0].name], fleet.ssh.command_timeout_seconds)
+        journals = FleetJournals(fleet, ctx.hosts[fleet.instances[0].name])
         lease = lock.acquire(ctx, holder, take_over=_take_over(fleet, journals, i_checked))
         if lease.stale is None:
             lock.release(ctx, lease.holder)

@@ -39,10 +39,9 @@ def fleet_runs_directory(fleet: Fleet) -> str:
 class FleetJournals:
     """The fleet's journals, here and on the fleet's first host."""
 
-    def __init__(self, fleet: Fleet, host: Executor | None, timeout: float = 30) -> None:
+    def __init__(self, fleet: Fleet, host: Executor | None) -> None:
         self.fleet = fleet
         self.host = host
-        self.timeout = timeout
         self.directory = fleet_runs_directory(fleet)
         self.failures: list[str] = []
         self._directory_made = False
@@ -99,11 +98,11 @@ class FleetJournals:
         if self.host is None:
             return []
         try:
-            listed = self.host.run(["ls", "-1", "--", self.directory], timeout=self.timeout, check=False)
+            names = self.host.list_directory(self.directory)
         except RolloutError as error:
             self.failures = [*self.failures[-(MAX_FAILURES_KEPT - 1) :], str(error)]
             return []
-        return [name for name in listed.stdout.split() if RUN_FILE_RE.fullmatch(name)] if listed.ok else []
+        return [name for name in names if RUN_FILE_RE.fullmatch(name)]
 
     def _load_remote(self, name: str) -> Ledger | None:
         if self.host is None or not RUN_FILE_RE.fullmatch(name):

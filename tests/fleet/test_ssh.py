@@ -28,6 +28,7 @@ from compose_rollout.hosts.ssh import SshHost
 from compose_rollout.lb.haproxy import HaproxyClient
 from compose_rollout.testbed import sshd
 from compose_rollout.testbed._util import Daemon, run, tcp_accepts, wait_for
+from tests.ci import unavailable
 
 SSHD = "/usr/sbin/sshd"
 # Its own loopback address, never the test bed's 127.0.1.x; the last octet from the pid
@@ -66,7 +67,7 @@ def _free_port(address: str) -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     if os.geteuid() != 0 or not Path(SSHD).is_file():
-        pytest.skip("needs root and OpenSSH's sshd (a real sshd on 127.0.9.x)")
+        unavailable("needs root and OpenSSH's sshd (a real sshd on 127.0.9.x)")
     work = tmp_path_factory.mktemp("sshd")
     Path("/run/sshd").mkdir(mode=0o755, parents=True, exist_ok=True)
     host_key = sshd.generate_key(work / "ssh_host_ed25519_key", "sshd-under-test")
@@ -317,7 +318,7 @@ def test_temp_file_is_never_readable_beyond_the_final_mode(
 
 def test_write_fails_cleanly_on_a_full_disk(host: SshHost, tmp_path: Path) -> None:
     if shutil.which("mount") is None:
-        pytest.skip("needs mount(8) for a real full disk")
+        unavailable("needs mount(8) for a real full disk")
     disk = tmp_path / "disk"
     disk.mkdir()
     run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(disk)], timeout=10)

@@ -93,6 +93,9 @@ class FakeHost:
     def remove_directory(self, path: str) -> None:
         self.directories.discard(path)
 
+    def list_directory(self, path: str) -> list[str]:
+        return sorted(p.rsplit("/", 1)[1] for p in self.files if p.rsplit("/", 1)[0] == path.rstrip("/"))
+
     def close(self) -> None:
         pass
 

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import posixpath
 from pathlib import Path
 
-from compose_rollout.hosts.ssh import Result
 from compose_rollout.state.fleet_journals import FleetJournals
 from compose_rollout.state.history import newer_request
 from compose_rollout.state.journal import InstanceRecord, Ledger
@@ -16,17 +14,8 @@ RUNS = "/srv/app-1/.compose-rollout-demo.runs"
 
 
 def first_host() -> FakeHost:
-    """The fleet's first host, with `ls` of the journal directory answered from its files."""
-    host = FakeHost("app-1")
-
-    def ls(argv: list[str]) -> Result:
-        names = sorted(posixpath.basename(p) for p in host.files if posixpath.dirname(p) == argv[-1])
-        if argv[-1] not in host.directories:
-            return Result("app-1", " ".join(argv), 2, "", "No such file or directory")
-        return Result("app-1", " ".join(argv), 0, "\n".join(names), "")
-
-    host.on(["ls"], ls)
-    return host
+    """The fleet's first host, where the lock and the journals' copies live."""
+    return FakeHost("app-1")
 
 
 def worker(state: Path, host: FakeHost | None) -> FleetJournals:
