@@ -58,11 +58,20 @@ HealthProbe = Callable[[str, float], tuple[bool, str]]
 
 
 def http_health(url: str, timeout: float) -> tuple[bool, str]:
-    """One probe of a health URL on a new connection: (2xx?, what was seen)."""
-    try:
-        response = requests.get(url, timeout=(timeout, timeout), allow_redirects=False, headers={"Connection": "close"})
-    except requests.RequestException as error:
-        return False, f"{type(error).__name__}: {error}"
+    """One probe of a health URL on a new connection: (2xx?, what was seen).
+
+    Straight to the instance: no proxy from HTTP_PROXY and no credentials from ~/.netrc
+    (the environment's settings are for other traffic; a proxy would answer for the
+    instance, and the instance must not be sent someone's password).
+    """
+    with requests.Session() as session:
+        session.trust_env = False
+        try:
+            response = session.get(
+                url, timeout=(timeout, timeout), allow_redirects=False, headers={"Connection": "close"}
+            )
+        except requests.RequestException as error:
+            return False, f"{type(error).__name__}: {error}"
     return 200 <= response.status_code < 300, f"HTTP {response.status_code}"
 
 
