@@ -17,10 +17,12 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from compose_rollout.errors import RolloutError
 from compose_rollout.flows.rolling_deploy import rolling_deploy
@@ -202,6 +204,55 @@ def test_health_that_passes_then_fails_is_caught_by_the_stabilisation_window(
     rows, failure, seen = deploy_under_traffic(bed, fleet_file(bed, tmp_path, health=health), "flaps")
     assert rows is None and "instance app-1" in failure and "stabilisation window" in failure
     assert_serving_v1(bed, before, seen)
+
+
+@pytest.mark.timeout(240)
+def test_when_the_lb_never_sees_the_new_container_up_the_wait_times_out_and_rolls_back(
+    fresh_fleet: Testbed, tmp_path: Path
+) -> None:
+    bed = fresh_fleet
+    # The new version serves / (what compose-rollout's own gate probes here) but not the
+    # /health that HAProxy checks: only the LB's own check can catch it.
+    push_variant(bed, "no-lb-health", "RUN rm /www/health")
+    path = Path(fleet_file(bed, tmp_path, health={"lb_timeout_seconds": 4}))
+    document = yaml.safe_load(path.read_text())
+    for instance in document["instances"]:
+        instance["health_url"] = instance["health_url"].removesuffix("health")
+    path.write_text(yaml.safe_dump(document))
+    before = observe(bed)
+    rows, failure, seen = deploy_under_traffic(bed, str(path), "no-lb-health")
+    assert rows is None and "instance app-1 at step await-lb-up" in failure
+    assert "waited 4 s for the LB to see app-1 UP" in failure
+    assert_serving_v1(bed, before, seen)
+
+
+@pytest.mark.timeout(300)
+def test_with_on_locked_wait_a_second_run_waits_for_the_first_then_runs(fresh_fleet: Testbed, tmp_path: Path) -> None:
+    bed = fresh_fleet
+    state = tmp_path / "state"
+    fleet = fleet_file(bed, tmp_path)
+    with cli_deploy(fleet, "v2", tmp_path / "first.log") as first:
+        wait_for_journal(state, lambda j: record(j, "app-1").get("drained") is True)
+        second = subprocess.run(
+            [*CLI, "deploy", "--fleet", fleet, "--tag", "v1", "--on-locked", "wait"],
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+        first.wait(timeout=240)
+    assert first.returncode == 0, (tmp_path / "first.log").read_text()[-3000:]
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    runs = sorted(
+        (json.loads(p.read_text()) for p in (state / "demo" / "runs").glob("*.json")), key=itemgetter("started_at")
+    )
+    assert [(r["target"].split("@")[0].rsplit(":", 1)[1], r["status"]) for r in runs] == [
+        ("v2", "succeeded"),
+        ("v1", "succeeded"),
+    ]
+    assert runs[1]["records"][0]["drained_at"] > runs[0]["finished_at"]  # never interleaved
+    v1 = bed.image_id(f"{bed.image_repository}:v1")
+    assert {bed.running_image(i.name) for i in bed.instances} == {v1}  # the later request won
+    assert observe(bed).locks == ()
 
 
 def slow_requests_through_lb(bed: Testbed, seconds: int) -> subprocess.Popen[str]:

@@ -113,3 +113,16 @@ def test_cli_plan_and_status_show_the_change_and_touch_nothing(fresh_fleet: Test
         [*rollout, "deploy", "--fleet", fleet, "--tag", "v1;id"], capture_output=True, text=True, timeout=120
     )
     assert bad.returncode == 1 and "invalid image tag" in bad.stderr
+
+
+@pytest.mark.timeout(120)
+def test_a_server_out_of_rotation_in_the_lb_is_refused_naming_it(fresh_fleet: Testbed, tmp_path: Path) -> None:
+    bed = fresh_fleet
+    bed.set_server_state("app-2", "maint")  # someone took it out by hand
+    before = observe(bed)
+    with pytest.raises(RolloutError) as raised:
+        rolling_deploy(fleet_file=fleet_file(bed, tmp_path), tag="v2", triggered_by="test")
+    message = str(raised.value)
+    assert "refused before any instance was touched" in message
+    assert "app-2: LB server app-2 is" in message and "MAINT" in message and "not in rotation" in message
+    assert observe(bed) == before  # left as the person left it: still in maintenance, nothing else moved
