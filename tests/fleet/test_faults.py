@@ -187,7 +187,9 @@ def test_a_container_that_crashes_after_starting_is_rolled_back(fresh_fleet: Tes
     bed = fresh_fleet
     push_variant(bed, "crashes", 'CMD ["/bin/sh", "-c", "httpd -p 8080 -h /www; sleep 1; exit 3"]')
     before = observe(bed)
-    rows, failure, seen = deploy_under_traffic(bed, fleet_file(bed, tmp_path, health={"timeout_seconds": 8}), "crashes")
+    # The default policy: three passes 0.5 s apart and 2 s of stability outlast the crash.
+    health = {"timeout_seconds": 8, "consecutive_successes": 3, "interval_seconds": 0.5, "stabilization_seconds": 2}
+    rows, failure, seen = deploy_under_traffic(bed, fleet_file(bed, tmp_path, health=health), "crashes")
     assert rows is None and "instance app-1" in failure and "await-healthy" in failure
     assert_serving_v1(bed, before, seen)
 

@@ -107,6 +107,7 @@ def running_stack(testbed: Testbed, home: Path, files: Path, **server_settings: 
             PREFECT_HOME=str(home),
             PREFECT_SERVER_ANALYTICS_ENABLED="false",
             COMPOSE_ROLLOUT_FLEET=fleet_file(testbed, files, health={"timeout_seconds": 8}),
+            PREFECT_WORKER_QUERY_SECONDS="1",  # the worker picks a new run up within a second
         )
         prefect(env, "work-pool", "create", "compose-rollout", "--type", "process")
         prefect(env, "--no-prompt", "deploy", "--all")
@@ -127,6 +128,8 @@ def stack(testbed: Testbed, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         tmp_path_factory.mktemp("prefect-home"),
         tmp_path_factory.mktemp("stack"),
         PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2",
+        # A run queued behind the fleet's concurrency limit asks again after 1 s, not 30 s.
+        PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS="1",
     ) as started:
         yield started
 

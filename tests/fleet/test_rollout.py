@@ -7,11 +7,13 @@ generator runs in its own process. Nothing here is mocked.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prefect.client.orchestration import get_client
@@ -47,7 +49,13 @@ def observe(bed: Testbed) -> FleetState:
     )
 
 
-def fleet_file(bed: Testbed, tmp_path: Path, **overrides: object) -> str:
+# Where a test is not about the health policy, a quick one: two passes 0.25 s apart and
+# half a second of stability (the default takes about 3.5 s per instance).
+FAST_HEALTH = {"consecutive_successes": 2, "interval_seconds": 0.25, "stabilization_seconds": 0.5}
+
+
+def fleet_file(bed: Testbed, tmp_path: Path, **overrides: Any) -> str:
+    overrides["health"] = {**FAST_HEALTH, **overrides.get("health", {})}
     return str(bed.fleet_file(tmp_path / "fleet.yaml", state_directory=str(tmp_path / "state"), **overrides))
 
 
@@ -153,9 +161,16 @@ def test_cli_deploy_exits_0_on_success_and_1_with_a_summary_after_rollback(
     bed = fresh_fleet
     fleet = fleet_file(bed, tmp_path, health={"timeout_seconds": 6})
     rollout = [sys.executable, "-m", "compose_rollout.cli", "deploy", "--fleet", fleet]
+    # The path a new user takes: no Prefect server, so each call starts a temporary one
+    # (the other CLI tests share the session's server).
+    alone = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
     # The fleet file says batches of one, no canary; the flags say otherwise for this run.
     good = subprocess.run(
-        [*rollout, "--tag", "v2", "--canary", "--batch-size", "2"], capture_output=True, text=True, timeout=240
+        [*rollout, "--tag", "v2", "--canary", "--batch-size", "2"],
+        env=alone,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert good.returncode == 0, good.stderr[-2000:]
     assert good.stdout.count("updated") == 3
@@ -164,7 +179,7 @@ def test_cli_deploy_exits_0_on_success_and_1_with_a_summary_after_rollback(
     assert {bed.running_image(i.name) for i in bed.instances} == {v2}
 
     before = observe(bed)
-    bad = subprocess.run([*rollout, "--tag", "broken"], capture_output=True, text=True, timeout=240)
+    bad = subprocess.run([*rollout, "--tag", "broken"], env=alone, capture_output=True, text=True, timeout=240)
     assert bad.returncode == 1
     summary = next(line for line in bad.stderr.splitlines() if line.startswith("FAILED: "))
     assert summary.startswith("FAILED: Rollout of fleet demo")
