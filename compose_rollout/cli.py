@@ -19,8 +19,9 @@ import argparse
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 from compose_rollout import procedure
 from compose_rollout.config import Fleet, Instance, load_fleet
@@ -32,6 +33,7 @@ from compose_rollout.state import history
 from compose_rollout.state.fleet_journals import FleetJournals
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+T = TypeVar("T")
 
 
 def _quiet_prefect_defaults() -> None:
@@ -71,41 +73,32 @@ def _recover(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _journals(fleet: Fleet) -> tuple[FleetJournals, Context]:
-    """The fleet's journals, here and on its first host (a host that cannot be reached
-    leaves this machine's, said on stderr)."""
+def _from_journals(fleet: Fleet, read: Callable[[FleetJournals], T]) -> T:
+    """`read` the fleet's journals, here and on its first host (a host that cannot be
+    reached leaves this machine's, said on stderr)."""
     ctx = Context.connect(fleet)
     journals = FleetJournals(fleet, ctx.hosts[fleet.instances[0].name])
-    return journals, ctx
-
-
-def _warn_unread(journals: FleetJournals) -> None:
+    try:
+        found = read(journals)
+    finally:
+        ctx.close()
     for failure in journals.failures:
         print(
             f"warning: the fleet's copies of the journals could not be read, showing this machine's: {failure}",
             file=sys.stderr,
         )
+    return found
 
 
 def _history(args: argparse.Namespace) -> int:
-    journals, ctx = _journals(load_fleet(args.fleet))
-    try:
-        rows = history.rows(journals.fleet, journals)
-    finally:
-        ctx.close()
-    _warn_unread(journals)
-    print(table(rows))
+    fleet = load_fleet(args.fleet)
+    print(table(_from_journals(fleet, lambda journals: history.rows(fleet, journals))))
     return EXIT_OK
 
 
 def _rollback(args: argparse.Namespace) -> int:
-    journals, ctx = _journals(load_fleet(args.fleet))
-    try:
-        previous = history.previous_image(journals.fleet, journals)
-    finally:
-        ctx.close()
-    _warn_unread(journals)
-    args.image, args.tag = previous, None
+    fleet = load_fleet(args.fleet)
+    args.image, args.tag = _from_journals(fleet, lambda journals: history.previous_image(fleet, journals)), None
     print(f"Rolling back to {args.image}")
     return _deploy(args, triggered_by=history.ROLLBACK_TRIGGER)
 
