@@ -122,7 +122,7 @@ def test_traffic_stop_lets_slow_requests_finish(fresh_fleet: Testbed) -> None:
 
 def test_traffic_refuses_non_loopback_targets() -> None:
     for url in ("http://10.0.0.1:80", "http://example.com", "https://127.0.0.1:1"):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=r"loopback|must be http://"):
             check_loopback_url(url)
     assert check_loopback_url("http://127.0.0.1:18080/") == "http://127.0.0.1:18080"
 

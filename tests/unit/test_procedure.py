@@ -221,7 +221,7 @@ def test_preflight_lb_names_every_server_out_of_rotation() -> None:
 def test_target_image_refuses_hostile_tags_before_anything_runs() -> None:
     the_fleet = fleet()
     for tag in ("v1;rm -rf /", "v 1", "", "-v1", "$(id)"):
-        with pytest.raises(RolloutError):
+        with pytest.raises(RolloutError, match="invalid image tag"):
             procedure.target_image(the_fleet, tag, None)
     assert str(procedure.target_image(the_fleet, "1.4.2", None)) == "registry.example/demo/app:1.4.2"
     with pytest.raises(RolloutError, match="exactly one"):
