@@ -287,14 +287,16 @@ class SshHost:
                 sftp._request(CMD_EXTENDED, "fsync@openssh.com", handle.handle)  # type: ignore[attr-defined]
             sftp.posix_rename(temp, target)
         except (OSError, paramiko.SSHException) as error:
+            reason = str(error) or type(error).__name__
+            if not created and self._exists(sftp, temp):
+                reason = f"something already exists at the temp name {temp} (not ours: left alone)"
+            elif reason == "Failure":  # SFTP v3 has no code for a full disk: say what df sees
+                reason += self._free_space(directory or ".")
             if created:  # only ours: a name someone planted is left for the operator to see
                 try:
                     sftp.remove(temp)
                 except (OSError, paramiko.SSHException):
                     pass
-            reason = str(error) or type(error).__name__
-            if not created and self._exists(sftp, temp):
-                reason = f"something already exists at the temp name {temp} (not ours: left alone)"
             raise RemoteError(f"{self.name}: could not write {path} (original left intact): {reason}") from None
         # The rename is durable only once the directory is; SFTP has no request for that.
         try:
@@ -303,6 +305,15 @@ class SshHost:
             raise RemoteError(
                 f"{self.name}: wrote {path}, but could not sync its directory {directory}: {error}"
             ) from None
+
+    def _free_space(self, directory: str) -> str:
+        """`; DIR has N KiB free`, from df on the host ("" if df cannot tell)."""
+        try:
+            found = self.run(["df", "-Pk", "--", directory], timeout=10, check=False)
+            available = int(found.stdout.splitlines()[-1].split()[3]) if found.ok else None
+        except (RemoteError, ValueError, IndexError):
+            available = None
+        return "" if available is None else f"; {directory} has {available} KiB free"
 
     @staticmethod
     def _exists(sftp: paramiko.SFTPClient, path: str) -> bool:

@@ -325,7 +325,7 @@ def test_write_fails_cleanly_on_a_full_disk(host: SshHost, tmp_path: Path) -> No
     try:
         target = disk / "compose.yaml"
         target.write_bytes(b"image: app:v1\n")
-        with pytest.raises(RemoteError, match="original left intact"):
+        with pytest.raises(RemoteError, match=rf"original left intact\): Failure; {disk} has 0 KiB free"):
             host.write_file_atomic(str(target), b"x" * 256 * 1024, 0o644)
         assert os.listdir(disk) == ["compose.yaml"] and target.read_bytes() == b"image: app:v1\n"
     finally:
