@@ -384,7 +384,8 @@ def test_a_run_killed_on_one_worker_machine_is_reverted_by_the_next_deploy_from_
     )
     seen = traffic.stop()
     assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
-    assert f"run {killed['run_id']}" in deployed.stderr and "did not finish; reverting" in deployed.stderr
+    said = deployed.stdout + deployed.stderr
+    assert f"run {killed['run_id']} (to " in said and "did not finish; reverting" in said
     assert journal(tmp_path / "worker-b", run_id=killed["run_id"])["status"] == "recovered"  # type: ignore[index]
     v2 = bed.image_id(f"{bed.image_repository}:v2")
     after = observe(bed)
