@@ -98,6 +98,10 @@ class Context:
         deadline = None if seconds is None else self.clock.monotonic() + seconds
         return replace(self, interrupt=threading.Event(), deadline=deadline)
 
+    def out_of_time(self) -> bool:
+        """The rollback's deadline (after an interruption) has passed."""
+        return self.deadline is not None and self.clock.monotonic() >= self.deadline
+
     def wait_until(self, seconds: float) -> tuple[float, float]:
         """(monotonic deadline, seconds) of a wait of `seconds`, cut to the rollback's deadline."""
         now = self.clock.monotonic()

@@ -528,6 +528,8 @@ def rolling_deploy(
         summary = _summary(fleet, ledger, failure, rolled, note, touched)
         logger.error(summary)
         _publish(fleet, ledger, summary)
+        if note and calm.out_of_time():
+            raise  # the cancel left no time to finish: unrecorded, locked, for `rollout recover` (see _end)
         ledger.finish("needs attention" if note else "rolled back" if touched else "refused")
         if isinstance(failure, Exception):
             raise DeployFailed(summary) from failure
