@@ -12,6 +12,7 @@ Files are written with OpenSSH's SFTP extensions (`posix-rename@openssh.com`,
 
 from __future__ import annotations
 
+import functools
 import posixpath
 import secrets
 import select
@@ -19,9 +20,10 @@ import shlex
 import stat
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 import paramiko
 from paramiko.sftp import CMD_EXTENDED, CMD_HANDLE, CMD_OPEN, SFTP_FLAG_CREATE, SFTP_FLAG_EXCL, SFTP_FLAG_WRITE
@@ -90,6 +92,22 @@ class _RefuseUnknownHost(paramiko.MissingHostKeyPolicy):
         )
 
 
+Method = TypeVar("Method", bound=Callable[..., Any])
+
+
+def _one_sftp_call_at_a_time(method: Method) -> Method:
+    """paramiko's SFTPClient reads its replies without a lock: two threads using one
+    session (an instance's step and the run journal's copy on the same host) would read
+    each other's packets. Every SFTP operation of a host holds its lock."""
+
+    @functools.wraps(method)
+    def serialised(self: SshHost, *args: Any, **kwargs: Any) -> Any:
+        with self._sftp_calls:
+            return method(self, *args, **kwargs)
+
+    return serialised  # type: ignore[return-value]
+
+
 class SshHost:
     """One host reached over SSH, with a lazily opened connection reused by every call."""
 
@@ -117,6 +135,7 @@ class SshHost:
         self._lock = threading.Lock()
         self._client: paramiko.SSHClient | None = None
         self._sftp: paramiko.SFTPClient | None = None
+        self._sftp_calls = threading.RLock()
         self.connections_opened = 0
 
     def __repr__(self) -> str:
@@ -236,6 +255,7 @@ class SshHost:
                 self._sftp.get_channel().settimeout(self.connect_timeout * 3)  # type: ignore[union-attr]
             return self._sftp
 
+    @_one_sftp_call_at_a_time
     def read_file(self, path: str) -> bytes:
         """The bytes of a remote file (at most 1 MiB)."""
         sftp = self._sftp_client()
@@ -250,6 +270,7 @@ class SshHost:
         except (OSError, paramiko.SSHException) as error:
             raise RemoteError(f"{self.name}: cannot read {path}: {error}") from None
 
+    @_one_sftp_call_at_a_time
     def file_mode(self, path: str) -> int:
         """Permission bits of a remote file."""
         try:
@@ -257,6 +278,7 @@ class SshHost:
         except (OSError, paramiko.SSHException) as error:
             raise RemoteError(f"{self.name}: cannot stat {path}: {error}") from None
 
+    @_one_sftp_call_at_a_time
     def write_file_atomic(self, path: str, data: bytes, mode: int) -> None:
         """Replace the file at `path` with `data` (permission bits `mode`), all or nothing.
 
@@ -346,6 +368,7 @@ class SshHost:
             raise RemoteError(f"{self.name}: {path} is not a regular file; refusing to replace it")
         return target, existing
 
+    @_one_sftp_call_at_a_time
     def remove_file(self, path: str) -> None:
         """Remove a remote file if it exists."""
         try:
@@ -355,6 +378,7 @@ class SshHost:
         except (OSError, paramiko.SSHException) as error:
             raise RemoteError(f"{self.name}: cannot remove {path}: {error}") from None
 
+    @_one_sftp_call_at_a_time
     def make_directory(self, path: str) -> bool:
         """Create a directory; False if it already exists. Atomic on the host, so it is a lock."""
         sftp = self._sftp_client()
@@ -369,6 +393,7 @@ class SshHost:
                 pass
             raise RemoteError(f"{self.name}: cannot create {path}: {error}") from None
 
+    @_one_sftp_call_at_a_time
     def remove_directory(self, path: str) -> None:
         """Remove an empty directory if it exists."""
         try:
@@ -378,6 +403,7 @@ class SshHost:
         except (OSError, paramiko.SSHException) as error:
             raise RemoteError(f"{self.name}: cannot remove {path}: {error}") from None
 
+    @_one_sftp_call_at_a_time
     def list_directory(self, path: str) -> list[str]:
         """The names in a remote directory (no `.` or `..`); [] if it does not exist."""
         sftp = self._sftp_client()

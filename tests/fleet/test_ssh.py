@@ -361,3 +361,32 @@ def test_list_directory_of_a_file_is_an_error(host: SshHost, tmp_path: Path) -> 
     (tmp_path / "journals").write_text("")
     with pytest.raises(RemoteError, match="cannot list"):
         host.list_directory(str(tmp_path / "journals"))
+
+
+# --- one SFTP session, several threads --------------------------------------------------------------------------
+
+
+def test_threads_sharing_a_host_never_mix_up_their_files(host: SshHost, tmp_path: Path) -> None:
+    """The first host serves its instance's steps and, at the same time, the run journal's
+    copies: every read and write from every thread gets exactly its own bytes."""
+    errors: list[BaseException] = []
+
+    def writer(number: int) -> None:
+        path = str(tmp_path / f"file-{number}")
+        try:
+            for round_ in range(10):
+                data = f"thread {number} round {round_}\n".encode() * (number + 1) * 50
+                host.write_file_atomic(path, data, 0o600)
+                assert host.read_file(path) == data
+                assert host.file_mode(path) == 0o600
+            assert f"file-{number}" in host.list_directory(str(tmp_path))
+        except BaseException as error:  # noqa: BLE001 - collected and asserted below
+            errors.append(error)
+
+    threads = [threading.Thread(target=writer, args=(number,)) for number in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads)
+    assert errors == []
