@@ -16,7 +16,16 @@ from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -25,7 +34,13 @@ from pydantic_settings import (
 )
 
 from compose_rollout.errors import ConfigError
-from compose_rollout.images import validate_repository
+from compose_rollout.images import ImageRef, validate_repository
+from compose_rollout.registry_settings import (
+    RegistrySettings,
+    check_credentials_host,
+    check_repository,
+    with_credentials_host,
+)
 from compose_rollout.triggers.tag_policy import TagPolicy
 from compose_rollout.triggers.windows import MaintenanceWindows
 
@@ -52,6 +67,13 @@ def _absolute_posix(value: str, what: str) -> str:
     if not path.is_absolute() or ".." in path.parts or any(c in value for c in "\n\r\0"):
         raise ValueError(f"{what} must be an absolute path without '..', got {value!r}")
     return str(path)
+
+
+def _valid_repository(value: str) -> str:
+    try:
+        return validate_repository(value)
+    except ConfigError as error:
+        raise ValueError(str(error)) from None
 
 
 class SshSettings(_Strict):
@@ -295,17 +317,6 @@ class Instance(_Strict):
         return re.sub(r"[^a-z0-9_-]", "", PurePosixPath(self.project_directory).name.lower())
 
 
-class RegistrySettings(_Strict):
-    """Credentials for resolving tags to digests (hosts pull with their own `docker login`)."""
-
-    username: Annotated[str | None, Field(description="Registry user, if the repository is private.")] = None
-    password: Annotated[SecretStr | None, Field(description="Registry password or token.")] = None
-    timeout_seconds: Annotated[float, Field(gt=0, le=120, description="Limit for one registry request.")] = 10.0
-    plain_http_hosts: Annotated[
-        list[str], Field(description="Registries spoken to over plain HTTP (loopback ones always are).")
-    ] = []
-
-
 S = TypeVar("S", bound="YamlSettings")
 
 
@@ -360,6 +371,10 @@ class Fleet(YamlSettings):
     image_repository: Annotated[
         str, Field(description="Image repository without tag, e.g. ghcr.io/terrateamio/terrat-oss.")
     ]
+    allowed_repositories: Annotated[
+        list[Annotated[str, AfterValidator(_valid_repository)]],
+        Field(description="Repositories besides image_repository that a run's `image` may name; others are refused."),
+    ] = []
     ssh: SshSettings = SshSettings()
     compose: ComposeSettings = ComposeSettings()
     load_balancer: LoadBalancerSettings
@@ -392,10 +407,12 @@ class Fleet(YamlSettings):
     @field_validator("image_repository")
     @classmethod
     def _repository(cls, value: str) -> str:
-        try:
-            return validate_repository(value)
-        except ConfigError as error:
-            raise ValueError(str(error)) from None
+        return _valid_repository(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _credentials_host(cls, data: Any) -> Any:
+        return with_credentials_host(data)
 
     @model_validator(mode="after")
     def _fleet(self) -> Fleet:
@@ -404,6 +421,7 @@ class Fleet(YamlSettings):
             duplicates = sorted({value for value in values if values.count(value) > 1})
             if duplicates:
                 raise ValueError(f"instances: duplicate {attribute} {', '.join(duplicates)}")
+        check_credentials_host(self.registry, [self.image_repository, *self.allowed_repositories])
         size = len(self.instances)
         if size < 2 and not self.rollout.allow_single_instance:
             raise ValueError(
@@ -422,6 +440,11 @@ class Fleet(YamlSettings):
             if instance.name == name:
                 return instance
         raise ConfigError(f"fleet {self.name} has no instance {name!r}")
+
+    def check_repository(self, ref: ImageRef) -> None:
+        """ConfigError unless `ref` is in image_repository or allowed_repositories: a run's
+        `image` must not make the fleet run (or the registry client visit) any other."""
+        check_repository(ref, [self.image_repository, *self.allowed_repositories], self.name)
 
     def ssh_port(self, instance: Instance) -> int:
         """The SSH port for `instance`."""

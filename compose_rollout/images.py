@@ -84,6 +84,21 @@ def validate_repository(repository: str) -> str:
     return repository
 
 
+def validate_registry_host(host: str) -> str:
+    """Return `host` (a registry host name or address, with an optional port) in lowercase,
+    as it is compared: host names are case-insensitive."""
+    if not re.fullmatch(_DOMAIN, host):
+        raise ConfigError(f"invalid registry host {host!r}: expected e.g. ghcr.io or registry.internal:5000")
+    return DOCKER_HUB if host.lower() == "index.docker.io" else host.lower()
+
+
+def repository_key(repository: str) -> tuple[str, str]:
+    """(registry, path) by which two spellings of one repository compare equal:
+    `nginx`, `docker.io/library/nginx` and `index.docker.io/library/nginx` are one."""
+    ref = ImageRef(repository)
+    return ref.registry.lower(), ref.path
+
+
 def validate_tag(tag: str) -> str:
     """Return `tag` if it is a valid tag (letters, digits, `_.-`, at most 128 characters)."""
     if not TAG_RE.fullmatch(tag):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import signal
@@ -13,6 +14,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -139,3 +141,22 @@ def postgres_server() -> Iterator[str]:
             pg("pg_ctl", "-D", data, "-m", "fast", "-w", "-t", "60", "stop")
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def basic_auth(auth_string: str) -> dict[str, str]:
+    """The Authorization header Prefect's client sends for PREFECT_API_AUTH_STRING."""
+    return {"Authorization": "Basic " + base64.b64encode(auth_string.encode()).decode()}
+
+
+def wait_for_final_state(api: str, run_id: str, headers: dict[str, str], timeout: float = 240) -> dict[str, Any]:
+    """Poll flow run `run_id` (with `headers`, e.g. `basic_auth(...)`) until it ends."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        response = httpx.get(f"{api}/flow_runs/{run_id}", headers=headers, timeout=30)
+        if response.status_code != 503:  # 503: the server is busy, ask again
+            response.raise_for_status()
+            run: dict[str, Any] = response.json()
+            if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                return run
+        time.sleep(0.5)  # polling the run's observed state in Prefect's API
+    raise AssertionError(f"flow run {run_id} did not finish within {timeout:g} s")

@@ -14,6 +14,7 @@ from pydantic import SecretStr
 
 from compose_rollout.config import Fleet, Instance, RolloutPolicy, load_fleet
 from compose_rollout.errors import ConfigError
+from compose_rollout.images import parse_reference
 
 REGISTRY_PASSWORD = "ghp_registry-Secret-4f2a9c"
 SSH_PASSPHRASE = "ssh-Passphrase-77e1b0"
@@ -499,3 +500,87 @@ def test_secret_from_environment_is_not_echoed_when_invalid(write, monkeypatch: 
     message = config_error(write(minimal()))
     assert "registry.timeout_seconds" in message
     assert REGISTRY_PASSWORD not in message
+
+
+# --- which images a run may deploy, and where the registry credentials go ----------------------------------------
+
+
+def _allowing(*repositories: str) -> Fleet:
+    return Fleet(**(minimal() | {"allowed_repositories": list(repositories)}))
+
+
+def test_an_image_outside_the_allowed_repositories_is_refused_naming_it_and_the_allowed_ones():
+    fleet = _allowing("ghcr.io/terrateamio/terrat-ee")
+    message = "ghcr.io/evil/terrat-oss is not allowed for fleet terrateam: it may run only "
+    with pytest.raises(ConfigError, match=re.escape(message)) as caught:
+        fleet.check_repository(parse_reference("ghcr.io/evil/terrat-oss:1.2.3"))
+    assert "ghcr.io/terrateamio/terrat-oss, ghcr.io/terrateamio/terrat-ee" in str(caught.value)
+    assert "allowed_repositories" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        "ghcr.io/terrateamio/terrat-oss:1.2.3",
+        "GHCR.io/terrateamio/terrat-oss:1.2.3",  # registry hosts are case-insensitive
+        "ghcr.io/terrateamio/terrat-ee@sha256:" + "a" * 64,
+        "nginx:1.27",
+        "docker.io/library/nginx:1.27",
+        "index.docker.io/library/nginx:1.27",
+    ],
+)
+def test_the_fleets_repository_and_the_allowed_ones_pass(image: str):
+    _allowing("ghcr.io/terrateamio/terrat-ee", "nginx").check_repository(parse_reference(image))
+
+
+@pytest.mark.parametrize(
+    "image",
+    ["ghcr.io/terrateamio/terrat-oss-fork:1", "ghcr.io/terrateamio:1", "terrateamio/terrat-oss:1", "nginx2:1"],
+)
+def test_a_repository_that_only_resembles_an_allowed_one_is_refused(image: str):
+    with pytest.raises(ConfigError, match="is not allowed for fleet terrateam"):
+        _allowing("nginx").check_repository(parse_reference(image))
+
+
+def test_an_invalid_allowed_repository_is_refused_naming_its_path(write):
+    data = minimal() | {"allowed_repositories": ["ghcr.io/terrateamio/terrat-ee", "ghcr.io/Bad Name"]}
+    with pytest.raises(ConfigError, match=re.escape("allowed_repositories[1]: invalid image repository")):
+        load_fleet(write(data))
+
+
+def test_the_credentials_are_for_the_registry_of_image_repository_by_default(write):
+    fleet = load_fleet(write(_with_secrets(minimal())))
+    assert fleet.registry.credentials_host == "ghcr.io"
+    hub = load_fleet(write(minimal() | {"image_repository": "terrateamio/terrat-oss"}))
+    assert hub.registry.credentials_host == "docker.io"
+
+
+def test_credentials_host_may_name_the_registry_of_an_allowed_repository(write):
+    data = _with_secrets(minimal()) | {"allowed_repositories": ["registry.terrateam.io/ee/terrat-ee"]}
+    data["registry"]["credentials_host"] = "Registry.Terrateam.io"
+    assert load_fleet(write(data)).registry.credentials_host == "registry.terrateam.io"
+
+
+def test_credentials_host_elsewhere_is_refused(write):
+    data = _with_secrets(minimal())
+    data["registry"]["credentials_host"] = "collector.example.com"
+    message = "registry.credentials_host: collector.example.com is the registry of neither"
+    with pytest.raises(ConfigError, match=re.escape(message)) as caught:
+        load_fleet(write(data))
+    assert REGISTRY_PASSWORD not in str(caught.value)
+
+
+@pytest.mark.parametrize("key", ["token_realm_hosts", "plain_http_hosts"])
+def test_registry_host_lists_are_validated(write, key: str):
+    data = minimal() | {"registry": {key: ["auth.example.com", "https://auth.example.com/token"]}}
+    with pytest.raises(ConfigError, match=re.escape(f"registry.{key}[1]: invalid registry host")):
+        load_fleet(write(data))
+
+
+def test_credentials_host_can_be_set_from_the_environment(write, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("ROLLOUT_REGISTRY__PASSWORD", REGISTRY_PASSWORD)
+    monkeypatch.setenv("ROLLOUT_ALLOWED_REPOSITORIES", '["registry.terrateam.io/ee/terrat-ee"]')
+    monkeypatch.setenv("ROLLOUT_REGISTRY__CREDENTIALS_HOST", "registry.terrateam.io")
+    fleet = load_fleet(write(minimal()))
+    assert fleet.registry.credentials_host == "registry.terrateam.io"
+    assert fleet.allowed_repositories == ["registry.terrateam.io/ee/terrat-ee"]

@@ -9,7 +9,15 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from compose_rollout.errors import ConfigError
-from compose_rollout.images import ImageRef, parse_reference, validate_digest, validate_repository, validate_tag
+from compose_rollout.images import (
+    ImageRef,
+    parse_reference,
+    repository_key,
+    validate_digest,
+    validate_registry_host,
+    validate_repository,
+    validate_tag,
+)
 
 DIGEST = "sha256:" + "0123456789abcdef" * 4
 OTHER_DIGEST = "sha256:" + "f" * 64
@@ -288,3 +296,29 @@ def test_generated_valid_references_always_parse(parts):
             assert ref.path == path
     else:
         assert (ref.registry, ref.path) == ("docker.io", f"library/{path}")
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        ("ghcr.io", "ghcr.io"),
+        ("Registry.Example.com:5000", "registry.example.com:5000"),
+        ("127.0.0.1:5000", "127.0.0.1:5000"),
+        ("localhost", "localhost"),
+        ("index.docker.io", "docker.io"),
+    ],
+)
+def test_registry_hosts_are_compared_in_lowercase(host: str, expected: str):
+    assert validate_registry_host(host) == expected
+
+
+@pytest.mark.parametrize("host", ["", "https://ghcr.io", "ghcr.io/token", "ghcr.io:port", "-ghcr.io", "a b"])
+def test_a_registry_host_is_a_host_and_an_optional_port(host: str):
+    with pytest.raises(ConfigError, match="invalid registry host"):
+        validate_registry_host(host)
+
+
+def test_docker_hub_spellings_name_one_repository():
+    assert repository_key("nginx") == repository_key("docker.io/library/nginx") == ("docker.io", "library/nginx")
+    assert repository_key("index.docker.io/library/nginx") == ("docker.io", "library/nginx")
+    assert repository_key("GHCR.io/a/b") == ("ghcr.io", "a/b") != repository_key("ghcr.io/a/bc")

@@ -8,6 +8,7 @@ import os
 import socket
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -16,7 +17,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from pydantic import SecretStr
 
-from compose_rollout.config import RegistrySettings
+from compose_rollout.config import Fleet, RegistrySettings
 from compose_rollout.errors import RegistryError
 from compose_rollout.images import ImageRef, parse_reference
 from compose_rollout.registry import MANIFEST_TYPES, RegistryClient, base_url
@@ -45,15 +46,25 @@ class FakeRegistry:
     token_status: int = 200
     manifest_status: int | None = None  # force a status for every manifest request
     digest_header: str | None = None  # force the Docker-Content-Digest value
+    tags: dict[str, list[str]] = field(default_factory=dict)
+    next_page: str | None = None  # the Link: next URL sent with every tag list
+    realm: str | None = None  # the token service named in the challenge; default: this registry's /token
+    redirect_to: str | None = None  # answer every /v2/ request with a 307 to this origin
+    address: str = "127.0.0.1"
     port: int = 0
     requests: list[Request] = field(default_factory=list)
 
     @property
     def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.address}:{self.port}"
 
     def challenge(self, path: str) -> str:
-        return f'Bearer realm="http://{self.host}/token",service="x",scope="repository:{path}:pull"'
+        realm = self.realm or f"http://{self.host}/token"
+        return f'Bearer realm="{realm}",service="x",scope="repository:{path}:pull"'
+
+    def authorizations(self) -> list[str]:
+        """Every Authorization header this registry (or its token service) was sent."""
+        return [request.headers["Authorization"] for request in self.requests if "Authorization" in request.headers]
 
 
 def _handler(registry: FakeRegistry) -> type[BaseHTTPRequestHandler]:
@@ -77,8 +88,28 @@ def _handler(registry: FakeRegistry) -> type[BaseHTTPRequestHandler]:
             if self.command != "HEAD":
                 self.wfile.write(body)
 
+        def _challenged(self, path: str) -> bool:
+            """Answer 307 or the bearer challenge when the fake is set up to; True if it did."""
+            if registry.redirect_to is not None:
+                self._send(307, {"Location": registry.redirect_to + self.path})
+                return True
+            if registry.bearer and self.headers.get("Authorization") != f"Bearer {TOKEN}":
+                self._send(401, {"WWW-Authenticate": registry.challenge(path)})
+                return True
+            return False
+
         def do_GET(self) -> None:
             path, _query = self._record()
+            if path.startswith("/v2/") and path.endswith("/tags/list"):
+                repository = path.removeprefix("/v2/").removesuffix("/tags/list")
+                if self._challenged(repository):
+                    return
+                headers = {"Content-Type": "application/json"}
+                if registry.next_page is not None:
+                    headers["Link"] = f'<{registry.next_page}>; rel="next"'
+                body = {"name": repository, "tags": registry.tags.get(repository, [])}
+                self._send(200, headers, json.dumps(body).encode())
+                return
             if path != "/token":
                 self._send(404, {})
                 return
@@ -97,8 +128,7 @@ def _handler(registry: FakeRegistry) -> type[BaseHTTPRequestHandler]:
             if not prefix.startswith("/v2/") or not tag:
                 self._send(404, {})
                 return
-            if registry.bearer and self.headers.get("Authorization") != f"Bearer {TOKEN}":
-                self._send(401, {"WWW-Authenticate": registry.challenge(repository)})
+            if self._challenged(repository):
                 return
             if registry.manifest_status is not None:
                 self._send(registry.manifest_status, {})
@@ -126,10 +156,10 @@ def _plain_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
 
 
-@pytest.fixture
-def registry() -> Iterator[FakeRegistry]:
-    fake = FakeRegistry(manifests={("a/b", "v1"): DIGEST_V1, ("a/b", "latest"): DIGEST_LATEST})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(fake))
+@contextmanager
+def serving(fake: FakeRegistry) -> Iterator[FakeRegistry]:
+    """`fake` answering on a free port of its address, in a thread."""
+    server = ThreadingHTTPServer((fake.address, 0), _handler(fake))
     server.daemon_threads = True
     fake.port = server.server_address[1]
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
@@ -140,6 +170,36 @@ def registry() -> Iterator[FakeRegistry]:
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+def _known_images(address: str) -> FakeRegistry:
+    return FakeRegistry(
+        manifests={("a/b", "v1"): DIGEST_V1, ("a/b", "latest"): DIGEST_LATEST},
+        tags={"a/b": ["v1", "latest"]},
+        address=address,
+    )
+
+
+@pytest.fixture
+def registry() -> Iterator[FakeRegistry]:
+    with serving(_known_images("127.0.0.1")) as fake:
+        yield fake
+
+
+@pytest.fixture
+def elsewhere() -> Iterator[FakeRegistry]:
+    """Another registry, on another loopback address: the host an `image` or a challenge may name."""
+    with serving(_known_images("127.0.0.2")) as fake:
+        yield fake
+
+
+def credentials_for(host: str, **settings: object) -> RegistrySettings:
+    return RegistrySettings.model_validate(
+        {"username": "terrateam-bot", "password": PASSWORD, "credentials_host": host, "timeout_seconds": 5, **settings}
+    )
+
+
+BASIC = "Basic " + base64.b64encode(f"terrateam-bot:{PASSWORD}".encode()).decode()
 
 
 def resolve(registry: FakeRegistry, text: str, settings: RegistrySettings | None = None) -> str:
@@ -252,14 +312,14 @@ def test_token_is_reused_for_the_same_scope(registry: FakeRegistry):
 def test_token_request_carries_the_credentials(registry: FakeRegistry):
     registry.bearer = True
     registry.token_needs_basic = ("terrateam-bot", PASSWORD)
-    settings = RegistrySettings(username="terrateam-bot", password=SecretStr(PASSWORD), timeout_seconds=5)
+    settings = credentials_for(registry.host)
     assert resolve(registry, "{host}/a/b:v1", settings) == DIGEST_V1
 
 
 def test_refused_token_request_is_an_error_without_the_password(registry: FakeRegistry):
     registry.bearer = True
     registry.token_needs_basic = ("terrateam-bot", "the-right-one")
-    settings = RegistrySettings(username="terrateam-bot", password=SecretStr(PASSWORD), timeout_seconds=5)
+    settings = credentials_for(registry.host)
     with pytest.raises(RegistryError) as caught:
         resolve(registry, "{host}/a/b:v1", settings)
     assert "401" in str(caught.value)
@@ -287,6 +347,155 @@ def test_challenge_without_a_usable_realm_is_refused(
         resolve(registry, "{host}/a/b:v1")
     # Nothing was fetched from the bogus realm: only the one manifest request reached the registry.
     assert [request.path for request in registry.requests] == ["/v2/a/b/manifests/v1"]
+
+
+# --- where the credentials go -------------------------------------------------------------------------------------
+
+
+def test_the_credentials_go_to_the_registry_they_are_for(registry: FakeRegistry):
+    assert resolve(registry, "{host}/a/b:v1", credentials_for(registry.host)) == DIGEST_V1
+    assert registry.authorizations() == [BASIC]
+
+
+def test_an_image_on_another_registry_is_resolved_and_listed_without_credentials(
+    registry: FakeRegistry, elsewhere: FakeRegistry
+):
+    # The fleet's credentials are for `registry`; a run's image names `elsewhere`.
+    with RegistryClient(credentials_for(registry.host)) as opened:
+        assert opened.resolve_digest(parse_reference(f"{elsewhere.host}/a/b:v1")) == DIGEST_V1
+        assert opened.list_tags(parse_reference(f"{elsewhere.host}/a/b")) == ["v1", "latest"]
+    assert [request.path for request in elsewhere.requests] == ["/v2/a/b/manifests/v1", "/v2/a/b/tags/list"]
+    assert elsewhere.authorizations() == []
+
+
+def test_a_token_service_on_another_host_gets_no_credentials(registry: FakeRegistry, elsewhere: FakeRegistry):
+    registry.bearer = True
+    registry.realm = f"http://{elsewhere.host}/token"
+    assert resolve(registry, "{host}/a/b:v1", credentials_for(registry.host)) == DIGEST_V1
+    [token] = elsewhere.requests
+    assert token.path == "/token" and "Authorization" not in token.headers
+
+
+def test_a_token_service_listed_in_token_realm_hosts_gets_the_credentials(
+    registry: FakeRegistry, elsewhere: FakeRegistry
+):
+    registry.bearer = True
+    registry.realm = f"http://{elsewhere.host}/token"
+    elsewhere.token_needs_basic = ("terrateam-bot", PASSWORD)
+    settings = credentials_for(registry.host, token_realm_hosts=[elsewhere.host])
+    assert resolve(registry, "{host}/a/b:v1", settings) == DIGEST_V1
+    assert elsewhere.authorizations() == [BASIC]
+    # The token it gave is used on the registry that asked for it, nowhere else.
+    assert registry.authorizations() == [BASIC, f"Bearer {TOKEN}"]
+
+
+def test_another_registry_cannot_get_a_token_from_our_token_service(registry: FakeRegistry, elsewhere: FakeRegistry):
+    # `elsewhere` names the fleet registry's own token service in its challenge: were the
+    # credentials sent, it would receive a token for the fleet's registry, for a scope it chose.
+    elsewhere.bearer = True
+    elsewhere.realm = f"http://{registry.host}/token"
+    assert resolve(elsewhere, "{host}/a/b:v1", credentials_for(registry.host)) == DIGEST_V1
+    assert [request.path for request in registry.requests] == ["/token"]
+    assert registry.authorizations() == []
+
+
+def test_a_tag_list_continued_on_another_host_is_refused(registry: FakeRegistry, elsewhere: FakeRegistry):
+    registry.next_page = f"http://{elsewhere.host}/v2/a/b/tags/list?last=latest"
+    with RegistryClient(credentials_for(registry.host)) as opened, pytest.raises(RegistryError, match="another origin"):
+        opened.list_tags(parse_reference(f"{registry.host}/a/b"))
+    assert elsewhere.requests == []
+
+
+def test_a_tag_list_continued_on_the_same_registry_is_followed(registry: FakeRegistry):
+    registry.next_page = "/v2/a/b/tags/list?last=latest"
+    with RegistryClient(credentials_for(registry.host)) as opened:
+        assert opened.list_tags(parse_reference(f"{registry.host}/a/b"), limit=5) == ["v1", "latest"] * 2 + ["v1"]
+    assert set(registry.authorizations()) == {BASIC}
+
+
+def test_a_tag_list_that_never_ends_is_an_error(registry: FakeRegistry):
+    registry.tags.clear()  # empty pages, each linking to the next: the tag count never reaches the limit
+    registry.next_page = "/v2/a/b/tags/list?last=x"
+    with (
+        RegistryClient(RegistrySettings(timeout_seconds=5)) as opened,
+        pytest.raises(RegistryError, match="empty page"),
+    ):
+        opened.list_tags(parse_reference(f"{registry.host}/a/b"))
+
+
+def test_a_redirect_to_another_host_carries_no_credentials(registry: FakeRegistry, elsewhere: FakeRegistry):
+    registry.redirect_to = f"http://{elsewhere.host}"
+    assert resolve(registry, "{host}/a/b:v1", credentials_for(registry.host)) == DIGEST_V1
+    assert registry.authorizations() == [BASIC]
+    assert [request.path for request in elsewhere.requests] == ["/v2/a/b/manifests/v1"]
+    assert elsewhere.authorizations() == []
+
+
+def test_settings_without_credentials_host_send_no_credentials(registry: FakeRegistry):
+    settings = RegistrySettings(username="terrateam-bot", password=SecretStr(PASSWORD), timeout_seconds=5)
+    assert resolve(registry, "{host}/a/b:v1", settings) == DIGEST_V1
+    assert registry.authorizations() == []
+
+
+@pytest.mark.parametrize(
+    ("settings", "origins"),
+    [
+        (
+            {"credentials_host": "ghcr.io"},
+            ("https://ghcr.io", {"https://ghcr.io"}),
+        ),
+        (
+            {"credentials_host": "Registry.Example.com:443", "token_realm_hosts": ["auth.example.com"]},
+            ("https://registry.example.com", {"https://registry.example.com", "https://auth.example.com"}),
+        ),
+        (
+            {"credentials_host": "docker.io"},
+            ("https://registry-1.docker.io", {"https://registry-1.docker.io", "https://auth.docker.io"}),
+        ),
+        (
+            {"credentials_host": "registry.internal:5000", "plain_http_hosts": ["registry.internal:5000"]},
+            ("http://registry.internal:5000", {"http://registry.internal:5000"}),
+        ),
+        ({"credentials_host": "127.0.0.1:5000"}, ("http://127.0.0.1:5000", {"http://127.0.0.1:5000"})),
+        ({}, ("", set())),
+    ],
+)
+def test_credentials_go_over_https_except_to_loopback_or_listed_hosts(
+    settings: dict[str, object], origins: tuple[str, set[str]]
+):
+    configured = RegistrySettings.model_validate({"username": "u", "password": "p", **settings})
+    assert configured.credential_origins() == (origins[0], frozenset(origins[1]))
+
+
+def test_the_fleets_own_registry_gets_the_credentials_and_an_allowed_one_elsewhere_none(
+    registry: FakeRegistry, elsewhere: FakeRegistry
+):
+    fleet = Fleet(
+        **{
+            "name": "terrateam",
+            "image_repository": f"{registry.host}/a/b",
+            "allowed_repositories": [f"{elsewhere.host}/a/b"],
+            "registry": {"username": "terrateam-bot", "password": PASSWORD, "timeout_seconds": 5},
+            "load_balancer": {"admin_address": "tcp://127.0.0.1:9999", "backend": "app"},
+            "instances": [
+                {
+                    "name": f"app-{n}",
+                    "host": f"127.0.1.{n}",
+                    "project_directory": "/srv/app",
+                    "lb_server": f"app-{n}",
+                    "health_url": f"http://127.0.1.{n}:8080/health",
+                }
+                for n in (1, 2)
+            ],
+        }
+    )
+    with RegistryClient(fleet.registry) as opened:
+        for host in (registry.host, elsewhere.host):
+            ref = parse_reference(f"{host}/a/b:v1")
+            fleet.check_repository(ref)
+            assert opened.resolve_digest(ref) == DIGEST_V1
+    assert registry.authorizations() == [BASIC]
+    assert elsewhere.authorizations() == []
 
 
 # --- URLs ---------------------------------------------------------------------------------------------------------
