@@ -33,8 +33,9 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from compose_rollout.errors import ConfigError
+from compose_rollout.errors import ConfigError, LoadBalancerError
 from compose_rollout.images import ImageRef, validate_repository
+from compose_rollout.lb.haproxy import check_socket_path
 from compose_rollout.registry_settings import (
     RegistrySettings,
     check_credentials_host,
@@ -144,6 +145,10 @@ class LoadBalancerSettings(_Strict):
                 raise ValueError(f"admin_address must be ssh://HOST[:PORT]/path/to/socket, got {value!r}")
             _check(HOST_RE, "admin host", match.group(1))
             _absolute_posix(match.group(3), "admin socket path")
+            try:
+                check_socket_path(match.group(3))  # socat would read , ! : and friends as options
+            except LoadBalancerError as error:
+                raise ValueError(str(error)) from None
             return value
         match = re.fullmatch(r"tcp://([^:/]+):([0-9]{1,5})", value)
         if not match or not 0 < int(match.group(2)) < 65536:

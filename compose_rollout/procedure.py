@@ -278,6 +278,7 @@ def target_image(fleet: Fleet, tag: str | None, image: str | None) -> ImageRef:
         raise RolloutError("give exactly one of a tag or an image")
     if image is not None:
         ref = parse_reference(image)
+        fleet.check_repository(ref)  # only the fleet's repositories: never another registry's
         if ref.tag is None and ref.digest is None:
             raise RolloutError(f"image {image!r} has neither tag nor digest; name the version to deploy")
         return ref

@@ -7,7 +7,9 @@ fail with a connection error instead of the refusal asserted here.
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from threading import Thread
 
 import pytest
 import yaml
@@ -63,6 +65,32 @@ def test_a_request_time_in_the_future_is_refused_before_anything_is_touched(tmp_
     with pytest.raises(RolloutError, match=r"requested_at .* is in the future"):
         rolling_deploy(fleet_file=fleet, tag="v2", requested_at=datetime.now(UTC) + timedelta(days=365))
     assert not (tmp_path / "state").exists()  # nothing started: no journal, no lock
+
+
+@pytest.mark.timeout(120)
+def test_an_image_of_another_registry_is_refused_and_that_registry_never_hears_of_it(tmp_path: Path) -> None:
+    seen: list[tuple[str, str | None]] = []
+
+    class Registry(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append((self.path, self.headers.get("Authorization")))
+            self.send_response(401)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    other = ThreadingHTTPServer(("127.0.0.1", 0), Registry)
+    Thread(target=other.serve_forever, daemon=True).start()
+    try:
+        fleet = write_fleet(tmp_path, registry={"username": "deploy", "password": "hunter2-registry-password"})
+        with pytest.raises(RolloutError, match=r"image repository 127\.0\.0\.1:\d+/demo/app is not allowed"):
+            rolling_deploy(fleet_file=fleet, image=f"127.0.0.1:{other.server_address[1]}/demo/app:v2")
+    finally:
+        other.shutdown()
+        other.server_close()
+    assert seen == []  # no request at all, so no password either
+    assert not (tmp_path / "state").exists()  # nothing started
 
 
 @pytest.mark.timeout(120)

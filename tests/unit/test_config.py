@@ -339,6 +339,16 @@ def test_invalid_admin_address(write, address: str):
 
 
 @pytest.mark.parametrize(
+    "path", ["/run/haproxy,fork.sock", "/run/haproxy.sock,exec=id", "/run/ha proxy.sock", "/run/h!!aproxy", "/run/a:b"]
+)
+def test_an_ssh_admin_socket_path_socat_would_read_as_options_is_refused_when_the_fleet_loads(write, path: str):
+    data = minimal()
+    data["load_balancer"]["admin_address"] = f"ssh://lb.internal{path}"
+    message = config_error(write(data))
+    assert "load_balancer.admin_address:" in message and "is refused" in message and repr(path) in message
+
+
+@pytest.mark.parametrize(
     "address", ["tcp://10.0.0.2:9999", "tcp://haproxy.internal:9999", "unix:///run/haproxy/admin.sock"]
 )
 def test_valid_admin_address(write, address: str):

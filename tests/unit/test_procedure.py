@@ -226,6 +226,9 @@ def test_target_image_refuses_hostile_tags_before_anything_runs() -> None:
     assert str(procedure.target_image(the_fleet, "1.4.2", None)) == "registry.example/demo/app:1.4.2"
     with pytest.raises(RolloutError, match="exactly one"):
         procedure.target_image(the_fleet, "v1", "registry.example/demo/app:v1")
+    # An image of another repository (and its registry) is refused before any registry call.
+    with pytest.raises(RolloutError, match=r"image repository evil\.example/demo/app is not allowed for fleet demo"):
+        procedure.target_image(the_fleet, None, "evil.example/demo/app:v1")
 
 
 @pytest.mark.parametrize(
