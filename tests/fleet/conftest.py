@@ -16,6 +16,7 @@ import pytest
 
 from compose_rollout.testbed import Testbed
 from compose_rollout.testbed.bed import REQUIRED_BINARIES, SSHD
+from compose_rollout.testbed.traffic import Traffic
 from tests.ci import unavailable
 
 
@@ -57,3 +58,20 @@ def fresh_fleet(testbed: Testbed) -> Testbed:
     every sshd and the registry running. Cheap when nothing changed."""
     testbed.reset()
     return testbed
+
+
+@pytest.fixture(autouse=True)
+def no_traffic_left_running(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A test that fails between starting traffic and stopping it must not leave the load
+    generator running into the next test (its leftovers would fail that one)."""
+    started: list[Traffic] = []
+    start = Traffic.start
+
+    def recorded(self: Traffic, timeout: float = 30.0) -> None:
+        started.append(self)
+        start(self, timeout)
+
+    monkeypatch.setattr(Traffic, "start", recorded)
+    yield
+    for traffic in started:
+        traffic.__exit__(RuntimeError, None, None)  # kills what still runs, removes its files
