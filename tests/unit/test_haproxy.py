@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import socket
 import socketserver
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -349,17 +350,23 @@ class _UnixServer(socketserver.ThreadingUnixStreamServer):
     daemon_threads = True
 
 
+@pytest.fixture
+def short_directory() -> Iterator[Path]:
+    """A directory with a path short enough for a unix socket (sun_path holds 107 bytes;
+    pytest's tmp_path can be longer)."""
+    with tempfile.TemporaryDirectory(prefix="lb-", dir="/tmp") as name:
+        yield Path(name)
+
+
 @pytest.fixture(params=["tcp", "unix"])
-def lb(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[FakeHaproxy, str]]:
+def lb(request: pytest.FixtureRequest, short_directory: Path) -> Iterator[tuple[FakeHaproxy, str]]:
     """A running fake stats socket and its admin address (`tcp://127.0.0.1:PORT` or `unix:///...`)."""
     fake = FakeHaproxy()
     if request.param == "tcp":
         server: socketserver.BaseServer = _TcpServer(("127.0.0.1", 0), _Handler)
         address = f"tcp://127.0.0.1:{server.server_address[1]}"
     else:
-        path = tmp_path / "admin.sock"
-        if len(str(path)) > 100:  # sun_path limit
-            pytest.skip("tmp_path too long for a unix socket")
+        path = short_directory / "admin.sock"
         server = _UnixServer(str(path), _Handler)
         address = f"unix://{path}"
     server.fake = fake  # type: ignore[attr-defined]
