@@ -59,7 +59,10 @@ class FleetJournals:
                 self._directory_made = True
             self.host.write_file_atomic(posixpath.join(self.directory, f"{run_id}.json"), payload, 0o600)
         except RolloutError as error:
-            self.failures = [*self.failures[-(MAX_FAILURES_KEPT - 1) :], str(error)]
+            self._remember(error)
+
+    def _remember(self, error: RolloutError) -> None:
+        self.failures = [*self.failures[-(MAX_FAILURES_KEPT - 1) :], str(error)]
 
     def attach(self, ledger: Ledger) -> Ledger:
         """Keep `ledger` here and copy it to the fleet on every write from now on."""
@@ -100,7 +103,7 @@ class FleetJournals:
         try:
             names = self.host.list_directory(self.directory)
         except RolloutError as error:
-            self.failures = [*self.failures[-(MAX_FAILURES_KEPT - 1) :], str(error)]
+            self._remember(error)
             return []
         return [name for name in names if RUN_FILE_RE.fullmatch(name)]
 
