@@ -16,12 +16,14 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 import yaml
 
 from compose_rollout.errors import RolloutError
@@ -263,26 +265,46 @@ def test_with_on_locked_wait_a_second_run_waits_for_the_first_then_runs(fresh_fl
     assert observe(bed).locks == ()
 
 
-def slow_requests_through_lb(bed: Testbed, seconds: int) -> subprocess.Popen[str]:
-    """Three slow requests at once through the LB (round robin: one lands on each instance)."""
-    script = (
-        "import concurrent.futures as f, requests, sys\n"
-        f"u='{bed.lb_url}/cgi-bin/slow?{seconds}'\n"
-        "with f.ThreadPoolExecutor(3) as p:\n"
-        "    codes = list(p.map(lambda _: requests.get(u, timeout=60).status_code, range(3)))\n"
-        "print(codes)\n"
-    )
-    return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+class SlowRequests:
+    """Slow requests through the LB, sent one at a time until every instance has one in
+    flight. Round robin alone does not promise one per instance (a server that the LB
+    just re-checked, or the robin's position, can send two to one), so each request is
+    sent only after the previous one is seen in flight, until the LB shows a request in
+    flight on every instance."""
 
+    def __init__(self, bed: Testbed, seconds: int, timeout: float = 30) -> None:
+        url = f"{bed.lb_url}/cgi-bin/slow?{seconds}"
+        limit = 3 * len(bed.instances)
+        self._pool = ThreadPoolExecutor(max_workers=limit)
+        self._sent: list[Future[int]] = []
+        deadline = time.monotonic() + timeout
+        try:
+            while not all(n > 0 for n in self._in_flight(bed).values()):
+                if len(self._sent) >= limit or time.monotonic() > deadline:
+                    raise AssertionError(
+                        f"{len(self._sent)} slow requests never reached every instance: {self._in_flight(bed)}"
+                    )
+                self._send_and_see_it_land(bed, url, seconds)
+        except BaseException:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            raise
 
-def wait_for_sessions_on_all(bed: Testbed, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def _send_and_see_it_land(self, bed: Testbed, url: str, seconds: int) -> None:
+        before = sum(self._in_flight(bed).values())
+        self._sent.append(self._pool.submit(lambda: requests.get(url, timeout=seconds + 60).status_code))
+        _wait_until(lambda: sum(self._in_flight(bed).values()) > before, "a slow request in flight", timeout=10)
+
+    @staticmethod
+    def _in_flight(bed: Testbed) -> dict[str, int]:
         states = bed.haproxy_server_states()
-        if all(int(states[i.lb_server]["scur"]) > 0 for i in bed.instances):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"slow requests never reached every instance: {bed.haproxy_server_states()}")
+        return {i.name: int(states[i.lb_server]["scur"]) for i in bed.instances}
+
+    def codes(self, timeout: float = 120) -> list[int]:
+        """Each request's status code, once all have ended."""
+        try:
+            return [sent.result(timeout=timeout) for sent in self._sent]
+        finally:
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 @pytest.mark.timeout(180)
@@ -291,14 +313,12 @@ def test_a_request_longer_than_the_drain_timeout_fails_the_run_by_default_and_co
 ) -> None:
     bed = fresh_fleet
     before = observe(bed)
-    slow = slow_requests_through_lb(bed, 12)
-    wait_for_sessions_on_all(bed)
+    slow = SlowRequests(bed, 12)
     with pytest.raises(RolloutError) as raised:
         rolling_deploy(fleet_file=fleet_file(bed, tmp_path, rollout={"drain_timeout_seconds": 2}), tag="v2")
     assert "instance app-1 at step wait-for-sessions" in str(raised.value)
     assert "on_drain_timeout: fail" in str(raised.value)
-    out, _ = slow.communicate(timeout=60)
-    assert out.strip() == "[200, 200, 200]"  # the long requests were never cut
+    assert set(slow.codes()) == {200}  # the long requests were never cut
     assert observe(bed) == before
 
 
@@ -307,12 +327,11 @@ def test_with_proceed_a_request_longer_than_the_drain_timeout_is_cut_and_counted
     fresh_fleet: Testbed, tmp_path: Path
 ) -> None:
     bed = fresh_fleet
-    slow = slow_requests_through_lb(bed, 12)
-    wait_for_sessions_on_all(bed)
+    slow = SlowRequests(bed, 12)
     fleet = fleet_file(bed, tmp_path, rollout={"drain_timeout_seconds": 2, "on_drain_timeout": "proceed"})
     rows = rolling_deploy(fleet_file=fleet, tag="v2")
     assert sum(int(row["sessions cut"]) for row in rows) >= 1
-    slow.communicate(timeout=60)
+    slow.codes()
     v2 = bed.image_id(f"{bed.image_repository}:v2")
     assert {bed.running_image(i.name) for i in bed.instances} == {v2}
     assert set(observe(bed).lb.values()) == {"UP"}
