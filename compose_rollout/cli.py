@@ -164,13 +164,14 @@ def _plan(args: argparse.Namespace) -> int:
 
     try:
         servers = procedure.preflight_lb(ctx)
+        backend = ctx.lb.backend
         rows = _per_instance(fleet, ctx, one)
     finally:
         ctx.close()
     size = fleet.rollout.batch_count(len(fleet.instances))
     print(f"Plan for fleet {fleet.name}: {target} = {pinned.digest}")
     canary = " after a canary" if fleet.rollout.canary else ""
-    print(f"Batches of {size}{canary}; LB backend {fleet.load_balancer.backend}:")
+    print(f"Batches of {size}{canary}; LB {backend}:")
     for row in rows:
         row["lb"] = servers[fleet.instance(str(row["instance"])).lb_server].describe()
     print(table(rows))

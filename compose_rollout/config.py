@@ -8,7 +8,6 @@ Unknown keys are refused, and every error names its path (`instances[1].host: ..
 
 from __future__ import annotations
 
-import ipaddress
 import math
 import re
 from importlib.resources.abc import Traversable
@@ -18,8 +17,6 @@ from typing import Annotated, Any, Literal, TypeVar
 import yaml
 from pydantic import (
     AfterValidator,
-    BaseModel,
-    ConfigDict,
     Field,
     SecretStr,
     ValidationError,
@@ -33,9 +30,12 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from compose_rollout.errors import ConfigError, LoadBalancerError
+from compose_rollout.errors import ConfigError
+from compose_rollout.fields import IDENT_RE, NAME_RE, SERVER_RE, USER_RE, Strict, absolute_posix, check
+from compose_rollout.fields import host as valid_host
 from compose_rollout.images import ImageRef, validate_repository
-from compose_rollout.lb.haproxy import check_socket_path
+from compose_rollout.lb.settings import KINDS as LB_KINDS
+from compose_rollout.lb.settings import LoadBalancerSettings
 from compose_rollout.registry_settings import (
     RegistrySettings,
     check_credentials_host,
@@ -45,29 +45,7 @@ from compose_rollout.registry_settings import (
 from compose_rollout.triggers.tag_policy import TagPolicy
 from compose_rollout.triggers.windows import MaintenanceWindows
 
-NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
-# Compose service names and HAProxy backend/server names: a conservative common subset.
-IDENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-HOST_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
-USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 BATCH_RE = re.compile(r"([1-9][0-9]?|100)%")
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _check(pattern: re.Pattern[str], what: str, value: str) -> str:
-    if not pattern.fullmatch(value):
-        raise ValueError(f"invalid {what} {value!r}")
-    return value
-
-
-def _absolute_posix(value: str, what: str) -> str:
-    path = PurePosixPath(value)
-    if not path.is_absolute() or ".." in path.parts or any(c in value for c in "\n\r\0"):
-        raise ValueError(f"{what} must be an absolute path without '..', got {value!r}")
-    return str(path)
 
 
 def _valid_repository(value: str) -> str:
@@ -77,7 +55,7 @@ def _valid_repository(value: str) -> str:
         raise ValueError(str(error)) from None
 
 
-class SshSettings(_Strict):
+class SshSettings(Strict):
     """How to reach every instance over SSH (instances may override port and user)."""
 
     user: Annotated[str, Field(description="Remote user.")] = "root"
@@ -98,10 +76,10 @@ class SshSettings(_Strict):
     @field_validator("user")
     @classmethod
     def _user(cls, value: str) -> str:
-        return _check(USER_RE, "SSH user", value)
+        return check(USER_RE, "SSH user", value)
 
 
-class ComposeSettings(_Strict):
+class ComposeSettings(Strict):
     """How Compose is invoked on the hosts."""
 
     command: Annotated[
@@ -114,50 +92,7 @@ class ComposeSettings(_Strict):
     pull_timeout_seconds: Annotated[float, Field(gt=0, le=7200, description="Limit for one image pull.")] = 600.0
 
 
-class LoadBalancerSettings(_Strict):
-    """The load balancer in front of the instances."""
-
-    kind: Annotated[Literal["haproxy"], Field(description="Load balancer kind.")] = "haproxy"
-    admin_address: Annotated[
-        str,
-        Field(
-            description="HAProxy stats socket with `level admin`: `tcp://HOST:PORT`, `unix:///path`, or "
-            "`ssh://HOST[:PORT]/path` (a unix socket on the LB host, reached over SSH with `socat`)."
-        ),
-    ]
-    backend: Annotated[str, Field(description="HAProxy backend holding the instances' servers.")]
-    timeout_seconds: Annotated[float, Field(gt=0, le=60, description="Limit for one admin command.")] = 5.0
-
-    @field_validator("backend")
-    @classmethod
-    def _backend(cls, value: str) -> str:
-        return _check(IDENT_RE, "backend name", value)
-
-    @field_validator("admin_address")
-    @classmethod
-    def _address(cls, value: str) -> str:
-        if value.startswith("unix://"):
-            _absolute_posix(value[len("unix://") :], "admin socket path")
-            return value
-        if value.startswith("ssh://"):
-            match = re.fullmatch(r"ssh://([^:/]+)(?::([0-9]{1,5}))?(/.+)", value)
-            if not match or (match.group(2) and not 0 < int(match.group(2)) < 65536):
-                raise ValueError(f"admin_address must be ssh://HOST[:PORT]/path/to/socket, got {value!r}")
-            _check(HOST_RE, "admin host", match.group(1))
-            _absolute_posix(match.group(3), "admin socket path")
-            try:
-                check_socket_path(match.group(3))  # socat would read , ! : and friends as options
-            except LoadBalancerError as error:
-                raise ValueError(str(error)) from None
-            return value
-        match = re.fullmatch(r"tcp://([^:/]+):([0-9]{1,5})", value)
-        if not match or not 0 < int(match.group(2)) < 65536:
-            raise ValueError(f"admin_address must be tcp://HOST:PORT, unix:///path or ssh://HOST/path, got {value!r}")
-        _check(HOST_RE, "admin host", match.group(1))
-        return value
-
-
-class HealthSettings(_Strict):
+class HealthSettings(Strict):
     """The health gate an instance must pass before it takes traffic again."""
 
     consecutive_successes: Annotated[
@@ -177,7 +112,7 @@ class HealthSettings(_Strict):
     ] = 60.0
 
 
-class RolloutPolicy(_Strict):
+class RolloutPolicy(Strict):
     """How many instances leave rotation at once, and what to do when draining is slow."""
 
     batch_size: Annotated[
@@ -236,7 +171,7 @@ class RolloutPolicy(_Strict):
         return max(1, math.floor(fleet_size * int(self.batch_size[:-1]) / 100))
 
 
-class Instance(_Strict):
+class Instance(Strict):
     """One Compose host behind the load balancer."""
 
     name: Annotated[str, Field(description="Unique name (lowercase letters, digits, dashes).")]
@@ -250,31 +185,34 @@ class Instance(_Strict):
     project_name: Annotated[
         str | None, Field(description="Compose project name; default: the project directory's name.")
     ] = None
-    lb_server: Annotated[str, Field(description="This instance's server name in the LB backend.")]
+    lb_server: Annotated[
+        str,
+        Field(
+            description="This instance's server in the LB, by the LB's name for it: the server name (haproxy), "
+            "the upstream address `HOST:PORT` (nginx, caddy), the server URL's `HOST:PORT` (traefik)."
+        ),
+    ]
     health_url: Annotated[str, Field(description="URL the orchestrator polls, e.g. http://10.0.0.5:8080/health.")]
 
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        return _check(NAME_RE, "instance name", value)
+        return check(NAME_RE, "instance name", value)
 
     @field_validator("host")
     @classmethod
     def _host(cls, value: str) -> str:
-        try:
-            return str(ipaddress.ip_address(value))
-        except ValueError:
-            return _check(HOST_RE, "host", value)
+        return valid_host(value)
 
     @field_validator("ssh_user")
     @classmethod
     def _user(cls, value: str | None) -> str | None:
-        return None if value is None else _check(USER_RE, "SSH user", value)
+        return None if value is None else check(USER_RE, "SSH user", value)
 
     @field_validator("project_directory")
     @classmethod
     def _directory(cls, value: str) -> str:
-        return _absolute_posix(value, "project_directory")
+        return absolute_posix(value, "project_directory")
 
     @field_validator("compose_file")
     @classmethod
@@ -287,12 +225,12 @@ class Instance(_Strict):
     @field_validator("project_name")
     @classmethod
     def _project(cls, value: str | None) -> str | None:
-        return None if value is None else _check(re.compile(r"[a-z0-9][a-z0-9_-]*"), "project name", value)
+        return None if value is None else check(re.compile(r"[a-z0-9][a-z0-9_-]*"), "project name", value)
 
     @field_validator("lb_server")
     @classmethod
     def _server(cls, value: str) -> str:
-        return _check(IDENT_RE, "LB server name", value)
+        return check(SERVER_RE, "LB server name", value)
 
     @field_validator("health_url")
     @classmethod
@@ -402,12 +340,12 @@ class Fleet(YamlSettings):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        return _check(NAME_RE, "fleet name", value)
+        return check(NAME_RE, "fleet name", value)
 
     @field_validator("service")
     @classmethod
     def _service(cls, value: str) -> str:
-        return _check(IDENT_RE, "service name", value)
+        return check(IDENT_RE, "service name", value)
 
     @field_validator("image_repository")
     @classmethod
@@ -426,6 +364,12 @@ class Fleet(YamlSettings):
             duplicates = sorted({value for value in values if values.count(value) > 1})
             if duplicates:
                 raise ValueError(f"instances: duplicate {attribute} {', '.join(duplicates)}")
+        for index, instance in enumerate(self.instances):
+            try:
+                self.load_balancer.check_server(instance.lb_server)
+            except ValueError as error:
+                kind = self.load_balancer.kind
+                raise ValueError(f"instances[{index}].lb_server: {error} (load_balancer.kind {kind})") from None
         check_credentials_host(self.registry, [self.image_repository, *self.allowed_repositories])
         size = len(self.instances)
         if size < 2 and not self.rollout.allow_single_instance:
@@ -465,7 +409,9 @@ def format_validation_error(error: ValidationError, root: str) -> str:
     lines = []
     for item in error.errors():
         path = ""
-        for part in item["loc"]:
+        for index, part in enumerate(item["loc"]):
+            if index and item["loc"][index - 1] == "load_balancer" and part in LB_KINDS:
+                continue  # the kind pydantic chose by `kind` is no part of the file's path
             path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
         message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"].removeprefix("Value error, ")
         lines.append(f"{path or root}: {message}")

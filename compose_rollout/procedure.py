@@ -33,8 +33,8 @@ from compose_rollout.hosts.commands import ComposeVersion
 from compose_rollout.hosts.compose_file import current_image, set_image
 from compose_rollout.hosts.ssh import Executor, SshHost
 from compose_rollout.images import ImageRef, parse_reference, validate_tag
+from compose_rollout.lb import adapters
 from compose_rollout.lb.base import LoadBalancer, ServerView
-from compose_rollout.lb.haproxy import HaproxyClient
 from compose_rollout.state.journal import InstanceRecord, Ledger
 
 
@@ -133,22 +133,20 @@ class Context:
             )
             for instance in fleet.instances
         }
-        address = fleet.load_balancer.admin_address
-        lb_host = None
-        if address.startswith("ssh://"):
-            netloc = address[len("ssh://") :].split("/", 1)[0]
-            hostname, _, port = netloc.partition(":")
-            lb_host = SshHost(
+
+        def ssh_to(hostname: str, port: int | None, user: str | None) -> Executor:
+            return SshHost(
                 name=f"lb {hostname}",
                 hostname=hostname,
-                port=int(port or fleet.ssh.port),
-                user=fleet.ssh.user,
+                port=port or fleet.ssh.port,
+                user=user or fleet.ssh.user,
                 key_file=fleet.ssh.key_file,
                 known_hosts_file=fleet.ssh.known_hosts_file,
                 connect_timeout=fleet.ssh.connect_timeout_seconds,
                 key_passphrase=fleet.ssh.key_passphrase,
             )
-        lb = HaproxyClient(address, fleet.load_balancer.backend, fleet.load_balancer.timeout_seconds, lb_host)
+
+        lb, lb_host = adapters.connect(fleet.load_balancer, ssh_to)
         return cls(fleet=fleet, hosts=hosts, lb=lb, lb_host=lb_host)
 
     def close(self) -> None:
@@ -304,7 +302,7 @@ def preflight_lb(ctx: Context) -> Mapping[str, ServerView]:
     for instance in ctx.fleet.instances:
         server = servers.get(instance.lb_server)
         if server is None:
-            problems.append(f"{instance.name}: LB backend {ctx.lb.backend} has no server {instance.lb_server!r}")
+            problems.append(f"{instance.name}: {ctx.lb.backend} has no server {instance.lb_server!r}")
         elif not server.in_rotation:
             problems.append(f"{instance.name}: LB server {instance.lb_server} is {server.describe()}, not in rotation")
     if problems:
@@ -460,13 +458,16 @@ def await_healthy(ctx: Context, instance: Instance, image_id: str) -> float:
         ctx.pause(max(0.0, tick + health.interval_seconds - ctx.clock.monotonic()))
 
 
-def await_lb_up(ctx: Context, instance: Instance) -> None:
-    """Wait until the LB's own health check reports the server UP (it stays drained)."""
+def await_lb_up(ctx: Context, instance: Instance) -> bool:
+    """Wait until the LB's own health check reports the server UP (it stays drained).
+    False at once when the LB cannot tell (it has no health check to ask)."""
     deadline, limit = ctx.wait_until(ctx.fleet.health.lb_timeout_seconds)
     while True:
         server = ctx.lb.server(instance.lb_server)
+        if server.up is None:
+            return False
         if server.up:
-            return
+            return True
         if ctx.clock.monotonic() >= deadline:
             raise WaitTimeout(f"the LB to see {instance.lb_server} UP", limit, server.describe())
         ctx.pause(0.1)

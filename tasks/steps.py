@@ -107,8 +107,10 @@ def await_healthy(ctx: Context, instance: str, image_id: str) -> float:
 
 @task(name="await-lb-up", task_run_name="await-lb-up-{instance}", **ONCE)
 def await_lb_up(ctx: Context, instance: str) -> None:
-    procedure.await_lb_up(ctx, ctx.fleet.instance(instance))
-    get_run_logger().info("%s: the LB's own check sees it UP", instance)
+    if procedure.await_lb_up(ctx, ctx.fleet.instance(instance)):
+        get_run_logger().info("%s: the LB's own check sees it UP", instance)
+    else:
+        get_run_logger().info("%s: the LB cannot tell whether it is UP; the health gate vouched for it", instance)
 
 
 @task(name="enable", task_run_name="enable-{instance}", **SAFE_TO_REPEAT)

@@ -1,8 +1,13 @@
 """What the procedure needs from a load balancer.
 
-The procedure, the flow and the CLI speak to this interface only; `haproxy.py` is the
-one adapter today. An adapter keeps each instance's server (`Instance.lb_server`) as
-the LB names it and answers for it.
+The procedure, the flow and the CLI speak to this interface only. Each adapter is one
+module (`haproxy.py`, `nginx.py`, ...), its settings a class in `settings.py`, and
+`adapters.connect` picks it by `load_balancer.kind`. An adapter keeps each instance's
+server (`Instance.lb_server`) as the LB names it and answers for it.
+
+To write one: implement `LoadBalancer` (and a `ServerView`), add a settings class with
+its `kind` to `settings.py`, a branch to `adapters.connect`, and run the shared contract
+tests against it (README, "Writing an adapter").
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ class ServerView(Protocol):
     def name(self) -> str: ...
 
     @property
-    def up(self) -> bool:
-        """The LB's own health check passes, whether or not the server takes traffic."""
+    def up(self) -> bool | None:
+        """The LB's own health check passes, whether or not the server takes traffic;
+        None when this LB has no health check it can be asked about (open-source nginx)."""
         ...
 
     @property
@@ -36,7 +42,8 @@ class ServerView(Protocol):
 
     @property
     def sessions(self) -> int:
-        """Connections or requests still in flight to the server."""
+        """Requests still in flight to the server, or, for an LB that cannot count them,
+        the LB host's TCP connections to it (`connections.py`): never fewer than in flight."""
         ...
 
     def describe(self) -> str:
@@ -53,7 +60,8 @@ class LoadBalancer(Protocol):
 
     @property
     def backend(self) -> str:
-        """The group of servers the fleet's instances are in, by the LB's name for it."""
+        """The group of servers the fleet's instances are in, for people: `backend app`,
+        `upstream app in nginx lb1:/etc/nginx/conf.d/app.conf`."""
         ...
 
     def servers(self) -> Mapping[str, ServerView]:

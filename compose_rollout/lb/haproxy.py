@@ -154,7 +154,7 @@ class HaproxyClient:
 
     def __init__(self, address: str, backend: str, timeout: float, host: RemoteRunner | None = None) -> None:
         self.address = address
-        self.backend = backend
+        self.name = backend
         self.timeout = timeout
         self.host = host
         self._socket_path = ""
@@ -162,6 +162,10 @@ class HaproxyClient:
             if host is None:
                 raise LoadBalancerError(f"{address}: an SSH address needs the LB host's connection")
             self._socket_path = ssh_socket_path(address)  # refused here, before any command runs
+
+    @property
+    def backend(self) -> str:
+        return f"HAProxy backend {self.name}"
 
     def _open(self) -> socket.socket:
         if self.address.startswith("unix://"):
@@ -210,25 +214,25 @@ class HaproxyClient:
 
     def set_state(self, server: str, state: AdminState) -> None:
         """Put `server` in `state` (drain: no new connections; ready: back in rotation)."""
-        self._act(set_server_state(self.backend, server, state))
+        self._act(set_server_state(self.name, server, state))
 
     def shutdown_sessions(self, server: str) -> None:
         """Cut the sessions still open on `server`."""
-        self._act(shutdown_sessions(self.backend, server))
+        self._act(shutdown_sessions(self.name, server))
 
     def recheck(self, server: str) -> bool:
         """Mark `server` DOWN so HAProxy needs `rise` passing checks of what runs now."""
         if not self.server(server).check_status:  # no `check` on this server: it never goes DOWN
             return False
-        self._act(force_health_down(self.backend, server))
+        self._act(force_health_down(self.name, server))
         return True
 
     def servers(self) -> dict[str, ServerState]:
         """Every server of the backend as HAProxy sees it now."""
-        states = parse_servers_state(self.command(show_servers_state(self.backend)), self.backend)
+        states = parse_servers_state(self.command(show_servers_state(self.name)), self.name)
         if not states:
-            raise LoadBalancerError(f"HAProxy has no backend {self.backend!r} (or it has no servers)")
-        stats = parse_show_stat(self.command(SHOW_STAT), self.backend)
+            raise LoadBalancerError(f"HAProxy has no backend {self.name!r} (or it has no servers)")
+        stats = parse_show_stat(self.command(SHOW_STAT), self.name)
         return {
             name: ServerState(
                 name=name,
@@ -244,5 +248,5 @@ class HaproxyClient:
         """One server of the backend."""
         servers = self.servers()
         if name not in servers:
-            raise LoadBalancerError(f"HAProxy backend {self.backend} has no server {name!r}")
+            raise LoadBalancerError(f"{self.backend} has no server {name!r}")
         return servers[name]

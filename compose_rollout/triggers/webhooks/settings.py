@@ -12,8 +12,9 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from compose_rollout.config import NAME_RE, YamlSettings, load_yaml_settings
+from compose_rollout.config import YamlSettings, load_yaml_settings
 from compose_rollout.errors import ConfigError
+from compose_rollout.fields import NAME_RE
 from compose_rollout.images import ImageRef, validate_repository
 from compose_rollout.triggers.tag_policy import TagPolicy
 from compose_rollout.triggers.windows import MaintenanceWindows

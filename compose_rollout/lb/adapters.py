@@ -1,0 +1,28 @@
+"""From `load_balancer.kind` to the adapter that speaks to that LB."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from compose_rollout.hosts.ssh import Executor
+from compose_rollout.lb.base import LoadBalancer
+from compose_rollout.lb.haproxy import HaproxyClient
+from compose_rollout.lb.nginx import NginxLoadBalancer
+from compose_rollout.lb.settings import HaproxySettings, LoadBalancerSettings, NginxSettings
+
+# (hostname, port or None for ssh.port, user or None for ssh.user) -> a pinned SSH connection
+SshTo = Callable[[str, int | None, str | None], Executor]
+
+
+def connect(settings: LoadBalancerSettings, ssh_to: SshTo) -> tuple[LoadBalancer, Executor | None]:
+    """The adapter for `settings`, and the LB host's SSH connection if it uses one (to close)."""
+    if isinstance(settings, HaproxySettings):
+        host = None
+        if settings.admin_address.startswith("ssh://"):
+            hostname, _, port = settings.admin_address.removeprefix("ssh://").split("/", 1)[0].partition(":")
+            host = ssh_to(hostname, int(port) if port else None, None)
+        return HaproxyClient(settings.admin_address, settings.backend, settings.timeout_seconds, host), host
+    if isinstance(settings, NginxSettings):
+        host = ssh_to(settings.ssh_host, settings.ssh_port, settings.ssh_user)
+        return NginxLoadBalancer(settings, host), host
+    raise AssertionError(f"no adapter for load_balancer.kind {settings.kind}")  # settings.KINDS has it: a bug

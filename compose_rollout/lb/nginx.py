@@ -1,0 +1,229 @@
+"""Open-source nginx: the instances are `server` lines of an `upstream` block.
+
+nginx has no API for this, so a drain is a configuration change on the LB host, made
+over SSH: that server's line gets ` down` (only that line changes, byte for byte; the
+file is replaced atomically), `nginx -t` checks the whole configuration (a failure puts
+the file back and fails the step), and `nginx -s reload` swaps workers gracefully: the
+old ones finish the requests they have and take no new ones. The adapter waits until
+every worker of the old configuration is shutting down before it says the drain is done.
+
+What nginx cannot tell: whether a server is healthy (open-source nginx has no active
+health check, so `up` is None and only compose-rollout's own health gate vouches for a
+new container), and requests in flight (counted as the LB host's TCP connections to
+the server, see `connections.py`; with `keepalive` in the upstream, idle kept-alive
+connections count too, until nginx closes them).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from compose_rollout.errors import LoadBalancerError, RolloutError
+from compose_rollout.hosts.ssh import Executor, Result
+from compose_rollout.lb.base import ServerAction
+from compose_rollout.lb.connections import count_connections
+from compose_rollout.lb.settings import NginxSettings
+
+_SERVER_RE = re.compile(r"^([ \t]*server[ \t]+)([^\s;#]+)([^;#\n]*)(;)", re.MULTILINE)
+
+
+def _code(text: str) -> str:
+    """`text` with comments and quoted strings blanked (same length), so that braces and
+    directives are found only where nginx would see them."""
+    out = list(text)
+    i, quote = 0, ""
+    while i < len(text):
+        c = text[i]
+        if quote:
+            if c == "\\":
+                out[i] = " "
+                if i + 1 < len(text):
+                    out[i + 1] = " " if text[i + 1] != "\n" else "\n"
+                i += 2
+                continue
+            if c == quote:
+                quote = ""
+            elif c != "\n":
+                out[i] = " "
+        elif c in "'\"":
+            quote = c
+        elif c == "#":
+            while i < len(text) and text[i] != "\n":
+                out[i] = " "
+                i += 1
+            continue
+        i += 1
+    return "".join(out)
+
+
+def upstream_span(text: str, upstream: str, where: str) -> tuple[int, int]:
+    """(start, end) of the inside of `upstream NAME { ... }` in `text`."""
+    code = _code(text)
+    found = [m for m in re.finditer(rf"(?<![\w.-])upstream\s+{re.escape(upstream)}\s*\{{", code)]
+    if len(found) != 1:
+        what = "no" if not found else f"{len(found)}"
+        raise LoadBalancerError(f"{where} has {what} `upstream {upstream}` block{'s' if found else ''}")
+    depth, start = 1, found[0].end()
+    for i in range(start, len(code)):
+        if code[i] == "{":
+            depth += 1
+        elif code[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return start, i
+    raise LoadBalancerError(f"{where}: `upstream {upstream}` has no closing brace")
+
+
+@dataclass(frozen=True)
+class ServerLine:
+    address: str
+    start: int  # of the parameters, just after the address
+    end: int  # of the parameters, at the `;`
+    down: bool
+
+
+def server_lines(text: str, upstream: str, where: str) -> dict[str, ServerLine]:
+    """The `server` lines of the upstream block, by address."""
+    start, end = upstream_span(text, upstream, where)
+    code = _code(text)
+    lines: dict[str, ServerLine] = {}
+    for match in _SERVER_RE.finditer(code, start, end):
+        address = text[match.start(2) : match.end(2)]
+        params = text[match.start(3) : match.end(3)].split()
+        if address in lines:
+            raise LoadBalancerError(f"{where}: `upstream {upstream}` lists server {address} twice")
+        lines[address] = ServerLine(address, match.end(2), match.start(4), "down" in params)
+    return lines
+
+
+def with_down(text: str, upstream: str, address: str, down: bool, where: str) -> str:
+    """`text` with only the server line of `address` changed: ` down` added or removed."""
+    line = server_lines(text, upstream, where).get(address)
+    if line is None:
+        raise LoadBalancerError(f"{where}: `upstream {upstream}` has no `server {address}` line")
+    if line.down == down:
+        return text
+    params = text[line.start : line.end]
+    if down:
+        params = params.rstrip() + " down" + params[len(params.rstrip()) :]
+    else:
+        params = re.sub(r"[ \t]+down(?=[ \t]|$)", "", params, count=1)
+    return text[: line.start] + params + text[line.end :]
+
+
+@dataclass(frozen=True)
+class NginxServer:
+    """One upstream server as the file says and the LB host's connections show."""
+
+    name: str
+    drained: bool
+    sessions: int
+
+    @property
+    def up(self) -> None:
+        """Open-source nginx has no active health check to read."""
+        return None
+
+    @property
+    def in_rotation(self) -> bool:
+        return not self.drained
+
+    def describe(self) -> str:
+        state = "down (drained)" if self.drained else "in rotation"
+        return f"{state}, {self.sessions} connections, health not observable in nginx"
+
+
+class NginxLoadBalancer:
+    """The upstream block `settings.upstream` in `settings.upstream_file` on the LB host."""
+
+    def __init__(self, settings: NginxSettings, host: Executor) -> None:
+        self.settings = settings
+        self.host = host
+        self.where = f"nginx {settings.ssh_host}:{settings.upstream_file}"
+        self._edit = threading.Lock()  # batch_size > 1 drains in parallel; edits go one at a time
+
+    @property
+    def backend(self) -> str:
+        return f"upstream {self.settings.upstream} in {self.where}"
+
+    def _text(self) -> str:
+        try:
+            return self.host.read_file(self.settings.upstream_file).decode()
+        except (RolloutError, UnicodeDecodeError) as error:
+            raise LoadBalancerError(f"{self.where}: cannot read it: {error}") from None
+
+    def servers(self) -> dict[str, NginxServer]:
+        lines = server_lines(self._text(), self.settings.upstream, self.where)
+        return {address: NginxServer(address, line.down, self._connections(address)) for address, line in lines.items()}
+
+    def server(self, name: str) -> NginxServer:
+        line = server_lines(self._text(), self.settings.upstream, self.where).get(name)
+        if line is None:
+            raise LoadBalancerError(f"{self.where}: `upstream {self.settings.upstream}` has no `server {name}` line")
+        return NginxServer(name, line.down, self._connections(name))
+
+    def _connections(self, address: str) -> int:
+        return count_connections(self.host, address, self.settings.timeout_seconds, self.where)
+
+    def set_state(self, server: str, state: ServerAction) -> None:
+        with self._edit:
+            self._change(lambda text: with_down(text, self.settings.upstream, server, state == "drain", self.where))
+
+    def shutdown_sessions(self, server: str) -> None:
+        """nginx cannot cut one server's requests; stopping the container does."""
+
+    def recheck(self, server: str) -> bool:
+        return False  # no active health check in open-source nginx
+
+    def _nginx(self, *args: str) -> list[str]:
+        config = ["-c", self.settings.main_config] if self.settings.main_config else []
+        return [self.settings.nginx_binary, *config, *args]
+
+    def _change(self, edit: Callable[[str], str]) -> None:
+        original = self.host.read_file(self.settings.upstream_file)
+        changed = edit(original.decode())
+        if changed.encode() == original:
+            return
+        mode = self.host.file_mode(self.settings.upstream_file)
+        timeout = self.settings.reload_timeout_seconds
+        self.host.write_file_atomic(self.settings.upstream_file, changed.encode(), mode)
+        tested = self.host.run(self._nginx("-t"), timeout=timeout, check=False)
+        if not tested.ok:
+            self.host.write_file_atomic(self.settings.upstream_file, original, mode)
+            raise LoadBalancerError(f"{self.where}: `nginx -t` refused the change, file put back: {_tail(tested)}")
+        before = self._workers()
+        reloaded = self.host.run(self._nginx("-s", "reload"), timeout=timeout, check=False)
+        if not reloaded.ok:
+            self.host.write_file_atomic(self.settings.upstream_file, original, mode)
+            raise LoadBalancerError(f"{self.where}: `nginx -s reload` failed, file put back: {_tail(reloaded)}")
+        self._await_new_workers(before)
+
+    def _workers(self) -> set[str]:
+        """PIDs of the workers taking new connections (not those shutting down)."""
+        listed = self.host.run(["ps", "-eo", "pid=,args="], timeout=self.settings.timeout_seconds)
+        workers = set()
+        for line in str(listed.stdout).splitlines():
+            pid, _, args = line.strip().partition(" ")
+            if args.strip() == "nginx: worker process":
+                workers.add(pid)
+        return workers
+
+    def _await_new_workers(self, before: set[str]) -> None:
+        """A reload is a signal: wait until no worker of the old configuration still
+        takes new connections (they are gone or `shutting down`)."""
+        limit = self.settings.reload_timeout_seconds
+        deadline = time.monotonic() + limit
+        while before & self._workers():
+            if time.monotonic() >= deadline:
+                raise LoadBalancerError(
+                    f"{self.where}: nginx's old workers still take connections {limit:g} s after reload"
+                )
+            time.sleep(0.05)
+
+
+def _tail(result: Result) -> str:
+    return (result.stderr.strip() or result.stdout.strip())[-800:] or f"exit code {result.exit_code}"
