@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from compose_rollout.config import load_fleet
 from compose_rollout.lb.settings import HaproxySettings, NginxSettings
-from tests.unit.test_config import config_error, minimal, write  # noqa: F401 - fixture
+from tests.unit.test_config import config_error, minimal
+
+
+@pytest.fixture
+def write(tmp_path: Path) -> Callable[[dict[str, Any]], Path]:
+    def _write(data: dict[str, Any]) -> Path:
+        path = tmp_path / "fleet.yaml"
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+
+    return _write
+
 
 NGINX = {
     "kind": "nginx",
@@ -81,7 +94,7 @@ def test_hostile_nginx_values_are_refused(write: Any, key: str, value: str, said
     assert said in config_error(write(data))
 
 
-def test_an_ipv6_upstream_server_is_accepted(write: Any, tmp_path: Path) -> None:
+def test_an_ipv6_upstream_server_is_accepted(write: Any) -> None:
     data = nginx_fleet()
     data["instances"][0]["lb_server"] = "[fd00::5]:8080"
     assert load_fleet(write(data)).instances[0].lb_server == "[fd00::5]:8080"
