@@ -20,7 +20,7 @@ from typing import IO, Any
 
 import yaml
 
-from . import compose, haproxy, image, registry, sshd
+from . import compose, haproxy, image, nginx, registry, sshd
 from ._util import (
     Daemon,
     TestbedError,
@@ -36,6 +36,7 @@ log = logging.getLogger("compose_rollout.testbed")
 
 LABEL = compose.LABEL
 HTTP_PORT = 8080
+NGINX_PORT = 18081
 SSH_PORT = 2222
 
 # Binaries the bed runs; checked up front so a missing package is one clear error.
@@ -46,7 +47,11 @@ LOCK_WAIT_SECONDS = 1800
 
 # Top-level entries of the workdir that belong to the bed (removed by stop()
 # unless keep_workdir); anything else a caller put there is left alone.
-_OWNED_ENTRIES = ("hosts", "ssh", "registry", "haproxy", "image", "logs", "fleet.yml")
+_OWNED_ENTRIES = ("hosts", "ssh", "registry", "haproxy", "nginx", "lbhost", "image", "logs", "fleet.yml")
+# The load balancers a bed can put in front of its instances (HAProxy always runs; the
+# others start on first use, each on its own frontend port).
+LB_KINDS = ("haproxy", "nginx")
+LB_HOST_ADDRESS = "127.0.2.1"
 
 
 @dataclass(frozen=True)
@@ -143,6 +148,19 @@ class Testbed:
                 )
             )
 
+        # The LB host: the machine the LBs run on, reached over SSH as a user's would be.
+        self.lb_host = TestbedInstance(
+            name="lb",
+            address=LB_HOST_ADDRESS,
+            ssh_port=SSH_PORT,
+            project_directory=self.workdir / "lbhost",
+            compose_file=self.workdir / "lbhost" / "none",
+            lb_server="",
+            health_url="",
+            sshd_pid_file=self.workdir / "lbhost" / "sshd.pid",
+        )
+        self._fronts: dict[str, nginx.NginxFront] = {}
+
         self.admin = haproxy.HaproxyAdmin(self.lb_admin_address)
         self._logs = self.workdir / "logs"
         self._dockerd: Daemon | None = None
@@ -171,6 +189,8 @@ class Testbed:
         self.stop()
 
     def instance(self, name: str) -> TestbedInstance:
+        if name == self.lb_host.name:
+            return self.lb_host
         """The instance called ``name`` (e.g. "app-1")."""
         for candidate in self.instances:
             if candidate.name == name:
@@ -193,7 +213,7 @@ class Testbed:
             self._prepare_ssh()
             self.start_registry()
             self._build_and_push_images()
-            for instance in self.instances:
+            for instance in [*self.instances, self.lb_host]:
                 self.start_sshd(instance.name)
             self._bring_up_instances()
             self._start_haproxy()
@@ -219,6 +239,8 @@ class Testbed:
 
         if self._haproxy is not None:
             attempt("stop haproxy", self._haproxy.stop)
+        for kind, front in self._fronts.items():
+            attempt(f"stop {kind}", front.stop)
         for name, daemon in list(self._sshd.items()):
             attempt(f"stop sshd {name}", daemon.stop)
         if self._docker_reachable():
@@ -335,6 +357,7 @@ class Testbed:
         ensure_port_free("127.0.0.1", self.registry_port, "the registry")
         ensure_port_free("127.0.0.1", self.lb_port, "the HAProxy frontend")
         ensure_port_free("127.0.0.1", self.lb_admin_port, "the HAProxy admin socket")
+        ensure_port_free(self.lb_host.address, self.lb_host.ssh_port, "sshd of the LB host")
         for instance in self.instances:
             ensure_port_free(instance.address, instance.ssh_port, f"sshd of {instance.name}")
             ensure_port_free(instance.address, HTTP_PORT, f"the app of {instance.name}")
@@ -354,7 +377,8 @@ class Testbed:
         authorized_keys = self.workdir / "ssh" / "authorized_keys"
         authorized_keys.write_text(self.ssh_key_file.with_suffix(".pub").read_text())
         lines = []
-        for instance in self.instances:
+        for instance in [*self.instances, self.lb_host]:
+            instance.project_directory.mkdir(parents=True, exist_ok=True)
             host_key = sshd.generate_key(instance.project_directory / "ssh_host_ed25519_key", f"{instance.name}-host")
             lines.append(sshd.known_hosts_line(instance.address, instance.ssh_port, host_key.with_suffix(".pub")))
             (instance.project_directory / "sshd_config").write_text(
@@ -368,10 +392,66 @@ class Testbed:
             )
         self.known_hosts_file.write_text("\n".join(lines) + "\n")
 
-    def fleet_file(self, path: Path | None = None, **overrides: Any) -> Path:
+    def front(self, kind: str) -> nginx.NginxFront:
+        """The LB of `kind` (not HAProxy, which always runs) in front of the instances,
+        started on first use and stopped with the bed."""
+        if kind not in self._fronts:
+            if kind != "nginx":
+                raise ValueError(f"the test bed has no {kind} front; it has {', '.join(LB_KINDS)}")
+            ensure_port_free("127.0.0.1", NGINX_PORT, "the nginx frontend")
+            front = nginx.NginxFront(
+                self.workdir / "nginx",
+                NGINX_PORT,
+                [self.lb_server_of(kind, i) for i in self.instances],
+                self._logs / "nginx.log",
+                die_with_parent=self.die_with_parent,
+            )
+            front.start()
+            self._fronts[kind] = front
+        return self._fronts[kind]
+
+    def lb_server_of(self, kind: str, instance: TestbedInstance) -> str:
+        """The instance's server as the LB of `kind` names it."""
+        return instance.lb_server if kind == "haproxy" else f"{instance.address}:{HTTP_PORT}"
+
+    def in_flight(self, kind: str) -> dict[str, int]:
+        """Requests in flight from the LB of `kind` to each instance: HAProxy's own count,
+        else the LB process's established connections to the instance (`ss -p`)."""
+        if kind == "haproxy":
+            states = self.haproxy_server_states()
+            return {i.name: int(states[i.lb_server]["scur"]) for i in self.instances}
+        process = f'(("{self.front(kind).process_name}",'
+        counts = {}
+        for instance in self.instances:
+            far_end = f"{instance.address}:{HTTP_PORT}"
+            listed = run(["ss", "-H", "-t", "-n", "-p", "state", "established", "dst", far_end], timeout=10)
+            counts[instance.name] = sum(process in line for line in listed.stdout.splitlines())
+        return counts
+
+    def lb_view(self, kind: str) -> dict[str, str]:
+        """Each instance as the LB of `kind` sees it: HAProxy's status, or the front's view."""
+        if kind == "haproxy":
+            states = self.haproxy_server_states()
+            return {i.name: states[i.lb_server]["status"] for i in self.instances}
+        seen = self.front(kind).view()
+        return {i.name: seen[self.lb_server_of(kind, i)] for i in self.instances}
+
+    def lb_url_of(self, kind: str) -> str:
+        return self.lb_url if kind == "haproxy" else self.front(kind).url
+
+    def fleet_file(self, path: Path | None = None, lb: str = "haproxy", **overrides: Any) -> Path:
         """Write the fleet YAML describing this bed for the core library and
-        return its path (default ``<workdir>/fleet.yml``). ``overrides`` are
-        deep-merged into the top-level mapping, e.g. ``rollout={"batch_size": 2}``."""
+        return its path (default ``<workdir>/fleet.yml``), with the LB of kind `lb` in
+        front. ``overrides`` are deep-merged into the top-level mapping, e.g.
+        ``rollout={"batch_size": 2}``."""
+        if lb == "haproxy":
+            lb_section: dict[str, Any] = {
+                "kind": "haproxy",
+                "admin_address": self.lb_admin_address,
+                "backend": self.lb_backend,
+            }
+        else:
+            lb_section = self.front(lb).fleet_settings(self.lb_host.address, self.lb_host.ssh_port)
         document: dict[str, Any] = {
             "name": "demo",
             "service": "server",
@@ -381,11 +461,7 @@ class Testbed:
                 "key_file": str(self.ssh_key_file),
                 "known_hosts_file": str(self.known_hosts_file),
             },
-            "load_balancer": {
-                "kind": "haproxy",
-                "admin_address": self.lb_admin_address,
-                "backend": self.lb_backend,
-            },
+            "load_balancer": lb_section,
             "instances": [
                 {
                     "name": instance.name,
@@ -393,7 +469,7 @@ class Testbed:
                     "ssh_port": instance.ssh_port,
                     "project_directory": str(instance.project_directory),
                     "compose_file": instance.compose_file.name,
-                    "lb_server": instance.lb_server,
+                    "lb_server": self.lb_server_of(lb, instance),
                     "health_url": instance.health_url,
                 }
                 for instance in self.instances
@@ -752,7 +828,7 @@ class Testbed:
             self._start_haproxy()
         if not self.registry_running():
             self.start_registry()
-        for instance in self.instances:
+        for instance in [*self.instances, self.lb_host]:
             if not self.sshd_running(instance.name) or not tcp_accepts(instance.address, instance.ssh_port):
                 self.start_sshd(instance.name)
         self._ensure_images()
@@ -799,4 +875,6 @@ class Testbed:
         for instance in self.instances:
             self.admin.command(f"enable health {self.lb_backend}/{instance.lb_server}")
             self.set_server_state(instance.name, "ready")
+        for front in self._fronts.values():
+            front.reset()
         self.wait_all_up(timeout=timeout)

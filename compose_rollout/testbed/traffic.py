@@ -64,6 +64,12 @@ class TrafficResult:
     per_second: list[dict[str, int]] = field(default_factory=list)
     # Requests still in flight when the shutdown deadline passed (counted as failed).
     abandoned: int = 0
+    # Requests sent again, once, on a new connection because the LB closed the idle
+    # kept-alive connection they were sent on before answering (what browsers and most
+    # HTTP clients do for a GET, RFC 9110 9.2.2). An LB that reloads its configuration
+    # (nginx, Caddy) closes idle client connections; HAProxy's runtime API never does.
+    # A retried request that then succeeded is not counted as failed.
+    retried: int = 0
 
     @property
     def ok(self) -> int:
@@ -118,6 +124,10 @@ class _Recorder:
         with self._lock:
             self.in_flight += 1
 
+    def retry(self) -> None:
+        with self._lock:
+            self.result.retried += 1
+
     def record(self, *, slow: bool, path: str, error: str | None, body: str | None = None) -> None:
         now = time.time()
         with self._lock:
@@ -165,6 +175,13 @@ class _Recorder:
             return r
 
 
+def _closed_before_answer(error: requests.ConnectionError) -> bool:
+    """The server closed the connection before any byte of an answer (not a refused or
+    timed-out connection): the request may be sent again on a new one."""
+    text = str(error)
+    return "RemoteDisconnected" in text or "Connection reset by peer" in text or "BadStatusLine" in text
+
+
 def _worker(
     base_url: str,
     path: str,
@@ -178,17 +195,27 @@ def _worker(
     session = requests.Session()
     # Never route loopback load through a proxy from the environment.
     session.trust_env = False
+    kept_alive = False  # the last response left its connection open for the next request
     try:
         while not stop.is_set():
             recorder.begin()
             try:
-                response = session.get(base_url + path, timeout=timeout)
+                try:
+                    response = session.get(base_url + path, timeout=timeout)
+                except requests.ConnectionError as exc:
+                    if not (kept_alive and _closed_before_answer(exc)):
+                        raise
+                    recorder.retry()
+                    session.close()  # a new connection, as a browser's retry would open
+                    response = session.get(base_url + path, timeout=timeout)
+                kept_alive = response.headers.get("Connection", "").lower() != "close"
                 body = response.text
                 if response.status_code == 200:
                     recorder.record(slow=slow, path=path, error=None, body=body)
                 else:
                     recorder.record(slow=slow, path=path, error=f"HTTP {response.status_code}: {body.strip()[:100]}")
             except requests.RequestException as exc:
+                kept_alive = False
                 recorder.record(slow=slow, path=path, error=f"{type(exc).__name__}: {str(exc)[:300]}")
             if pause > 0:
                 # Rate limit that ends at once when the run is stopped.
@@ -451,7 +478,8 @@ def main(argv: list[str] | None = None) -> int:
         announce=args.announce,
     )
     print(
-        f"traffic: {result.total} requests, {result.failed} failed, versions {result.versions}",
+        f"traffic: {result.total} requests, {result.failed} failed, {result.retried} retried, "
+        f"versions {result.versions}",
         file=sys.stderr,
     )
     return 0

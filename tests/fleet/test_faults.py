@@ -272,8 +272,9 @@ class SlowRequests:
     sent only after the previous one is seen in flight, until the LB shows a request in
     flight on every instance."""
 
-    def __init__(self, bed: Testbed, seconds: int, timeout: float = 30) -> None:
-        url = f"{bed.lb_url}/cgi-bin/slow?{seconds}"
+    def __init__(self, bed: Testbed, seconds: int, timeout: float = 30, lb: str = "haproxy") -> None:
+        url = f"{bed.lb_url_of(lb)}/cgi-bin/slow?{seconds}"
+        self._lb = lb
         limit = 3 * len(bed.instances)
         self._pool = ThreadPoolExecutor(max_workers=limit)
         self._sent: list[Future[int]] = []
@@ -294,10 +295,8 @@ class SlowRequests:
         self._sent.append(self._pool.submit(lambda: requests.get(url, timeout=seconds + 60).status_code))
         _wait_until(lambda: sum(self._in_flight(bed).values()) > before, "a slow request in flight", timeout=10)
 
-    @staticmethod
-    def _in_flight(bed: Testbed) -> dict[str, int]:
-        states = bed.haproxy_server_states()
-        return {i.name: int(states[i.lb_server]["scur"]) for i in bed.instances}
+    def _in_flight(self, bed: Testbed) -> dict[str, int]:
+        return bed.in_flight(self._lb)
 
     def codes(self, timeout: float = 120) -> list[int]:
         """Each request's status code, once all have ended."""

@@ -54,9 +54,9 @@ def observe(bed: Testbed) -> FleetState:
 FAST_HEALTH = {"consecutive_successes": 2, "interval_seconds": 0.25, "stabilization_seconds": 0.5}
 
 
-def fleet_file(bed: Testbed, tmp_path: Path, **overrides: Any) -> str:
+def fleet_file(bed: Testbed, tmp_path: Path, lb: str = "haproxy", **overrides: Any) -> str:
     overrides["health"] = {**FAST_HEALTH, **overrides.get("health", {})}
-    return str(bed.fleet_file(tmp_path / "fleet.yaml", state_directory=str(tmp_path / "state"), **overrides))
+    return str(bed.fleet_file(tmp_path / "fleet.yaml", lb=lb, state_directory=str(tmp_path / "state"), **overrides))
 
 
 def deploy_under_traffic(
