@@ -189,7 +189,8 @@ class Instance(Strict):
         str,
         Field(
             description="This instance's server in the LB, by the LB's name for it: the server name (haproxy), "
-            "the upstream address `HOST:PORT` (nginx, caddy), the server URL's `HOST:PORT` (traefik)."
+            "the upstream address `HOST:PORT` (nginx, caddy), the server URL's `HOST:PORT` (traefik), "
+            "the target `TARGET:PORT`, an EC2 instance id or an IP (aws)."
         ),
     ]
     health_url: Annotated[str, Field(description="URL the orchestrator polls, e.g. http://10.0.0.5:8080/health.")]

@@ -7,6 +7,7 @@ an unknown kind is refused naming the kinds that exist.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -155,7 +156,123 @@ class NginxSettings(LbSettings, ViaSsh):
         return check(re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*"), "nginx_binary", value)
 
 
-KINDS: dict[str, type[LbSettings]] = {"haproxy": HaproxySettings, "nginx": NginxSettings}
+# AWS's names: regions (eu-west-1, us-gov-west-1, cn-north-1), partitions (aws, aws-cn,
+# aws-us-gov, aws-iso-b, ...), target groups (1-32 letters, digits, inner hyphens) and
+# EC2 instance ids (i- and 8 or 17 hex digits).
+REGION_RE = re.compile(r"[a-z]{2}(-[a-z]+)+-[0-9]{1,2}")
+TARGET_GROUP_ARN_RE = re.compile(
+    r"arn:aws(-[a-z]+)*:elasticloadbalancing:(?P<region>[a-z0-9-]+):[0-9]{12}:"
+    r"targetgroup/[A-Za-z0-9]([A-Za-z0-9-]{0,30}[A-Za-z0-9])?/[0-9a-f]{16}"
+)
+INSTANCE_ID_RE = re.compile(r"i-([0-9a-f]{8}|[0-9a-f]{17})")
+
+
+def aws_target(name: str) -> tuple[str, int]:
+    """(target id, port) of an aws `lb_server`: `i-0123456789abcdef0:8080`,
+    `10.0.1.5:8080` or `[fd00::5]:8080`; ValueError if it is none of these."""
+    target, colon, port = name.rpartition(":")
+    if not colon or not re.fullmatch(r"[0-9]{1,5}", port) or not 0 < int(port) < 65536:
+        raise ValueError(f"invalid target TARGET:PORT {name!r}: it needs a port from 1 to 65535")
+    if INSTANCE_ID_RE.fullmatch(target):
+        return target, int(port)
+    bracketed = target.startswith("[") and target.endswith("]")
+    address = target[1:-1] if bracketed else target
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        raise ValueError(f"invalid target TARGET:PORT {name!r}: TARGET is an EC2 instance id (i-...) or IP") from None
+    if bracketed != (ip.version == 6) or str(ip) != address:
+        written = f"[{ip}]" if ip.version == 6 else str(ip)
+        raise ValueError(f"invalid target TARGET:PORT {name!r}: write the address as AWS does, {written}:{port}")
+    return address, int(port)
+
+
+class AwsSettings(LbSettings):
+    """An AWS target group of an Application or Network Load Balancer (the elbv2 API).
+
+    Drain deregisters the instance's target (AWS keeps it `draining` for the group's
+    deregistration delay while requests in flight finish); ready registers it again and
+    waits for AWS's own health check to report it `healthy`. Credentials come only from
+    boto3's standard chain (environment, shared files, SSO, the instance or task role),
+    never from the fleet file.
+    """
+
+    kind: Annotated[Literal["aws"], Field(description="Load balancer kind.")]
+    region: Annotated[str, Field(description="The target group's AWS region, e.g. eu-west-1.")]
+    target_group_arn: Annotated[
+        str,
+        Field(
+            description="The target group holding the instances, e.g. "
+            "arn:aws:elasticloadbalancing:eu-west-1:123456789012:targetgroup/app/0123456789abcdef."
+        ),
+    ]
+    endpoint_url: Annotated[
+        str | None,
+        Field(description="Another elbv2 endpoint (a VPC interface endpoint, a test server); default: AWS's own."),
+    ] = None
+    healthy_timeout_seconds: Annotated[
+        float,
+        Field(
+            gt=0,
+            le=3600,
+            description="After registering a target, how long to wait for AWS's health check to report it healthy "
+            "(at least the group's healthy threshold count times its interval).",
+        ),
+    ] = 300.0
+    poll_interval_seconds: Annotated[
+        float, Field(gt=0, le=60, description="Pause between two reads of a target's health while waiting.")
+    ] = 5.0
+    max_attempts: Annotated[
+        int,
+        Field(
+            ge=1,
+            le=10,
+            description="Attempts per AWS API call, the first included: throttling and transient errors are "
+            "retried with botocore's standard backoff.",
+        ),
+    ] = 5
+
+    def check_server(self, name: str) -> None:
+        aws_target(name)
+
+    @field_validator("region")
+    @classmethod
+    def _region(cls, value: str) -> str:
+        return check(REGION_RE, "AWS region", value)
+
+    @field_validator("target_group_arn")
+    @classmethod
+    def _arn(cls, value: str) -> str:
+        if not TARGET_GROUP_ARN_RE.fullmatch(value):
+            raise ValueError(
+                f"target_group_arn must be a target group's ARN, "
+                f"arn:aws:elasticloadbalancing:REGION:ACCOUNT:targetgroup/NAME/ID, got {value!r}"
+            )
+        return value
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        match = re.fullmatch(r"https?://(\[[0-9A-Fa-f:.]+\]|[^\s/:?#@\[\]]+)(:[0-9]{1,5})?(/[^\s?#@]*)?", value)
+        if not match:
+            raise ValueError(f"endpoint_url must be an http(s) URL without credentials, got {value!r}")
+        if not match.group(1).startswith("["):
+            host(match.group(1), "endpoint_url host")
+        if match.group(2) and not 0 < int(match.group(2)[1:]) < 65536:
+            raise ValueError(f"endpoint_url has an invalid port: {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _same_region(self) -> AwsSettings:
+        match = TARGET_GROUP_ARN_RE.fullmatch(self.target_group_arn)
+        if match and match.group("region") != self.region:
+            raise ValueError(f"target_group_arn is in region {match.group('region')}, but region is {self.region}")
+        return self
+
+
+KINDS: dict[str, type[LbSettings]] = {"haproxy": HaproxySettings, "nginx": NginxSettings, "aws": AwsSettings}
 
 
 def _kind(data: Any) -> str:
@@ -164,7 +281,9 @@ def _kind(data: Any) -> str:
 
 
 LoadBalancerSettings = Annotated[
-    Annotated[HaproxySettings, Tag("haproxy")] | Annotated[NginxSettings, Tag("nginx")],
+    Annotated[HaproxySettings, Tag("haproxy")]
+    | Annotated[NginxSettings, Tag("nginx")]
+    | Annotated[AwsSettings, Tag("aws")],
     Discriminator(
         _kind,
         custom_error_type="load_balancer_kind",
