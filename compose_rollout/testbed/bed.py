@@ -20,7 +20,7 @@ from typing import IO, Any
 
 import yaml
 
-from . import compose, haproxy, image, nginx, registry, sshd
+from . import compose, haproxy, image, registry, sshd
 from ._util import (
     Daemon,
     TestbedError,
@@ -31,12 +31,12 @@ from ._util import (
     tcp_accepts,
     wait_for,
 )
+from .fronts import FRONTS, Front
 
 log = logging.getLogger("compose_rollout.testbed")
 
 LABEL = compose.LABEL
 HTTP_PORT = 8080
-NGINX_PORT = 18081
 SSH_PORT = 2222
 
 # Binaries the bed runs; checked up front so a missing package is one clear error.
@@ -47,10 +47,10 @@ LOCK_WAIT_SECONDS = 1800
 
 # Top-level entries of the workdir that belong to the bed (removed by stop()
 # unless keep_workdir); anything else a caller put there is left alone.
-_OWNED_ENTRIES = ("hosts", "ssh", "registry", "haproxy", "nginx", "lbhost", "image", "logs", "fleet.yml")
+_OWNED_ENTRIES = ("hosts", "ssh", "registry", "haproxy", *FRONTS, "lbhost", "image", "logs", "fleet.yml")
 # The load balancers a bed can put in front of its instances (HAProxy always runs; the
 # others start on first use, each on its own frontend port).
-LB_KINDS = ("haproxy", "nginx")
+LB_KINDS = ("haproxy", *FRONTS)
 LB_HOST_ADDRESS = "127.0.2.1"
 
 
@@ -159,7 +159,7 @@ class Testbed:
             health_url="",
             sshd_pid_file=self.workdir / "lbhost" / "sshd.pid",
         )
-        self._fronts: dict[str, nginx.NginxFront] = {}
+        self._fronts: dict[str, Front] = {}
 
         self.admin = haproxy.HaproxyAdmin(self.lb_admin_address)
         self._logs = self.workdir / "logs"
@@ -392,19 +392,17 @@ class Testbed:
             )
         self.known_hosts_file.write_text("\n".join(lines) + "\n")
 
-    def front(self, kind: str) -> nginx.NginxFront:
+    def front(self, kind: str) -> Front:
         """The LB of `kind` (not HAProxy, which always runs) in front of the instances,
         started on first use and stopped with the bed."""
         if kind not in self._fronts:
-            if kind != "nginx":
+            if kind not in FRONTS:
                 raise ValueError(f"the test bed has no {kind} front; it has {', '.join(LB_KINDS)}")
-            ensure_port_free("127.0.0.1", NGINX_PORT, "the nginx frontend")
-            front = nginx.NginxFront(
-                self.workdir / "nginx",
-                NGINX_PORT,
+            front = FRONTS[kind](
+                self.workdir / kind,
                 [self.lb_server_of(kind, i) for i in self.instances],
-                self._logs / "nginx.log",
-                die_with_parent=self.die_with_parent,
+                self._logs / f"{kind}.log",
+                self.die_with_parent,
             )
             front.start()
             self._fronts[kind] = front

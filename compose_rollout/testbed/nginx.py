@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from ._util import Daemon, http_status, run, wait_for
+from ._util import Daemon, ensure_port_free, http_status, run, wait_for
 
 UPSTREAM = "app"
 
@@ -53,15 +53,20 @@ http {{
 """
 
 
+PORT = 18081
+
+
 class NginxFront:
-    """nginx on 127.0.0.1:`port`, its upstream `app` listing the instances."""
+    """nginx on 127.0.0.1:18081, its upstream `app` listing the instances."""
 
     process_name = "nginx"
+    in_rotation = "up"  # what view() says of a server in rotation
+    status_in_rotation = "in rotation"  # what `rollout status` says of one
 
-    def __init__(self, directory: Path, port: int, servers: Sequence[str], log_file: Path, die_with_parent: bool):
+    def __init__(self, directory: Path, servers: Sequence[str], log_file: Path, die_with_parent: bool) -> None:
         self.directory = directory
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
+        self.port = PORT
+        self.url = f"http://127.0.0.1:{PORT}"
         self.servers = list(servers)
         self.upstream_file = directory / "upstream.conf"
         self.main_config = directory / "nginx.conf"
@@ -86,6 +91,7 @@ class NginxFront:
         return self._daemon.running()
 
     def start(self) -> None:
+        ensure_port_free("127.0.0.1", self.port, "the nginx frontend")
         for name in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
             (self.directory / "tmp" / name).mkdir(parents=True, exist_ok=True)
         self.upstream_file.write_text(render_upstream(self.servers))

@@ -33,8 +33,10 @@ from tests.fleet.test_rollout import fleet_file
 
 pytestmark = [pytest.mark.fleet, pytest.mark.usefixtures("prefect_server")]
 
-# What each LB shows for a server in rotation / drained (HAProxy's status column, or the front's view).
-IN_ROTATION = {"haproxy": "UP", "nginx": "up"}
+
+def in_rotation(bed: Testbed, lb: str) -> str:
+    """What `Testbed.lb_view` says of a server in rotation."""
+    return "UP" if lb == "haproxy" else bed.front(lb).in_rotation
 
 
 @pytest.fixture(params=LB_KINDS)
@@ -86,7 +88,7 @@ def test_a_rollout_through_the_lb_fails_no_request(fresh_fleet: Testbed, lb: str
     v2 = bed.image_id(f"{bed.image_repository}:v2")
     after = seen(bed, lb)
     assert set(after.images.values()) == {v2}
-    assert set(after.lb.values()) == {IN_ROTATION[lb]}
+    assert set(after.lb.values()) == {in_rotation(bed, lb)}
 
 
 @pytest.mark.timeout(300)
@@ -128,7 +130,7 @@ def test_with_proceed_a_request_longer_than_the_drain_timeout_is_cut_and_counted
     v2 = bed.image_id(f"{bed.image_repository}:v2")
     after = seen(bed, lb)
     assert set(after.images.values()) == {v2}
-    assert set(after.lb.values()) == {IN_ROTATION[lb]}
+    assert set(after.lb.values()) == {in_rotation(bed, lb)}
 
 
 def unreachable(bed: Testbed, lb: str) -> dict[str, object]:
@@ -167,7 +169,7 @@ def test_a_server_the_lb_does_not_have_is_refused_naming_it(fresh_fleet: Testbed
 @pytest.mark.timeout(120)
 def test_rollout_status_shows_the_lbs_view(fresh_fleet: Testbed, lb: str, tmp_path: Path) -> None:
     bed = fresh_fleet
-    bed_lb_view = {"haproxy": "UP/READY", "nginx": "in rotation"}[lb]
+    bed_lb_view = "UP/READY" if lb == "haproxy" else bed.front(lb).status_in_rotation
     status = subprocess.run(
         [sys.executable, "-m", "compose_rollout.cli", "status", "--fleet", fleet_file(bed, tmp_path, lb=lb)],
         capture_output=True,

@@ -1,0 +1,42 @@
+"""The load balancers the test bed can put in front of its instances besides HAProxy
+(which always runs): one module each, registered here by `load_balancer.kind`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+from . import nginx
+
+
+class Front(Protocol):
+    """A real LB process in front of the bed's instances, started on demand."""
+
+    process_name: str  # as `ss -p` names the LB's process (its connections are its in-flight requests)
+    in_rotation: str  # what view() says of a server in rotation
+    status_in_rotation: str  # what `rollout status` shows for such a server
+    url: str  # the frontend the traffic goes through
+
+    def __init__(self, directory: Path, servers: Sequence[str], log_file: Path, die_with_parent: bool) -> None: ...
+
+    def fleet_settings(self, ssh_host: str, ssh_port: int) -> dict[str, object]:
+        """The fleet file's `load_balancer` section for this LB (reached through the bed's LB host)."""
+        ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def running(self) -> bool: ...
+
+    def reset(self) -> None:
+        """Every server in rotation again, as at start."""
+        ...
+
+    def view(self) -> dict[str, str]:
+        """Each server (by the LB's name for it) as this LB sees it now."""
+        ...
+
+
+FRONTS: dict[str, type[Front]] = {"nginx": nginx.NginxFront}
