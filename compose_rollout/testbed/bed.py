@@ -413,18 +413,13 @@ class Testbed:
         return instance.lb_server if kind == "haproxy" else f"{instance.address}:{HTTP_PORT}"
 
     def in_flight(self, kind: str) -> dict[str, int]:
-        """Requests in flight from the LB of `kind` to each instance: HAProxy's own count,
-        else the LB process's established connections to the instance (`ss -p`)."""
+        """Requests in flight from the LB of `kind` to each instance, as the bed measures
+        them (HAProxy's own count, or the front's, see `Front.in_flight`)."""
         if kind == "haproxy":
             states = self.haproxy_server_states()
             return {i.name: int(states[i.lb_server]["scur"]) for i in self.instances}
-        process = f'(("{self.front(kind).process_name}",'
-        counts = {}
-        for instance in self.instances:
-            far_end = f"{instance.address}:{HTTP_PORT}"
-            listed = run(["ss", "-H", "-t", "-n", "-p", "state", "established", "dst", far_end], timeout=10)
-            counts[instance.name] = sum(process in line for line in listed.stdout.splitlines())
-        return counts
+        seen = self.front(kind).in_flight()
+        return {i.name: seen[self.lb_server_of(kind, i)] for i in self.instances}
 
     def lb_view(self, kind: str) -> dict[str, str]:
         """Each instance as the LB of `kind` sees it: HAProxy's status, or the front's view."""

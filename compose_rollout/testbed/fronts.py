@@ -13,7 +13,6 @@ from . import nginx
 class Front(Protocol):
     """A real LB process in front of the bed's instances, started on demand."""
 
-    process_name: str  # as `ss -p` names the LB's process (its connections are its in-flight requests)
     in_rotation: str  # what view() says of a server in rotation
     status_in_rotation: str  # what `rollout status` shows for such a server
     url: str  # the frontend the traffic goes through
@@ -32,6 +31,11 @@ class Front(Protocol):
 
     def reset(self) -> None:
         """Every server in rotation again, as at start."""
+        ...
+
+    def in_flight(self) -> dict[str, int]:
+        """Requests in flight to each server (by the LB's name for it), measured by the
+        bed independently of the adapter where it can be."""
         ...
 
     def view(self) -> dict[str, str]:

@@ -59,7 +59,6 @@ PORT = 18081
 class NginxFront:
     """nginx on 127.0.0.1:18081, its upstream `app` listing the instances."""
 
-    process_name = "nginx"
     in_rotation = "up"  # what view() says of a server in rotation
     status_in_rotation = "in rotation"  # what `rollout status` says of one
 
@@ -113,6 +112,15 @@ class NginxFront:
         if self.upstream_file.read_text() != render_upstream(self.servers):
             self.upstream_file.write_text(render_upstream(self.servers))
             run(["nginx", "-c", str(self.main_config), "-s", "reload"], timeout=30)
+
+    def in_flight(self) -> dict[str, int]:
+        """nginx's established connections to each server (`ss -p`, nginx's processes
+        only): the upstream has no `keepalive`, so each is a request in flight."""
+        counts = {}
+        for server in self.servers:
+            listed = run(["ss", "-H", "-t", "-n", "-p", "state", "established", "dst", server], timeout=10)
+            counts[server] = sum('(("nginx",' in line for line in listed.stdout.splitlines())
+        return counts
 
     def view(self) -> dict[str, str]:
         """Each server: `down` or `up` as the upstream file says."""
