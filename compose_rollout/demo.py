@@ -1,11 +1,12 @@
 """The demo: a real local fleet, real traffic, a real rolling deploy.
 
-    python -m compose_rollout.demo [--tag v2|broken] [--keep]
+    python -m compose_rollout.demo [--tag v2|broken] [--lb haproxy|nginx|...] [--keep]
 
 Starts the test bed (Docker engine, registry, three Compose instances each with its
-own sshd and address, HAProxy in front), sends traffic through HAProxy the whole
-time (slow requests included), rolls the fleet from v1 to the tag, and prints what
-happened to the fleet and to the requests. `--tag broken` shows an automatic rollback.
+own sshd and address, a load balancer in front: HAProxy by default), sends traffic
+through that LB the whole time (slow requests included), rolls the fleet from v1 to
+the tag, and prints what happened to the fleet and to the requests. `--tag broken`
+shows an automatic rollback.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from compose_rollout.cli import table
 from compose_rollout.errors import RolloutError
+from compose_rollout.testbed.bed import LB_KINDS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
         "--workdir", type=Path, default=Path(".testbed/demo"), help="where the fleet lives (default: .testbed/demo)"
     )
     options.add_argument("--keep", action="store_true", help="leave the fleet running afterwards")
+    options.add_argument(
+        "--lb", default="haproxy", choices=LB_KINDS, help="the load balancer in front (default: haproxy)"
+    )
     args = options.parse_args(argv)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
@@ -34,14 +39,15 @@ def main(argv: list[str] | None = None) -> int:
     from compose_rollout.testbed import Testbed
     from compose_rollout.testbed.traffic import Traffic
 
-    print(f"Starting the demo fleet in {args.workdir} (Docker engine, registry, 3 instances, HAProxy)...")
+    print(f"Starting the demo fleet in {args.workdir} (Docker engine, registry, 3 instances, {args.lb})...")
     bed = Testbed(args.workdir)
     bed.start()
     failure = ""
     try:
-        fleet_file = bed.fleet_file()
-        print(f"Fleet file: {fleet_file}\nAll instances run v1. Traffic through HAProxy at {bed.lb_url} starts now.")
-        traffic = Traffic(bed.lb_url)
+        fleet_file = bed.fleet_file(lb=args.lb)
+        url = bed.lb_url_of(args.lb)
+        print(f"Fleet file: {fleet_file}\nAll instances run v1. Traffic through {args.lb} at {url} starts now.")
+        traffic = Traffic(url)
         traffic.start()
         try:
             rows = rolling_deploy(fleet_file=str(fleet_file), tag=args.tag, triggered_by="demo")
@@ -57,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         running = {instance.name: bed.running_image(instance.name)[:19] for instance in bed.instances}
         print(f"\nRunning image IDs now: {running}")
         print(
-            f"Traffic through HAProxy during the rollout: {seen.total} requests, {seen.failed} failed, "
+            f"Traffic through {args.lb} during the rollout: {seen.total} requests, {seen.failed} failed, "
+            f"{seen.retried} resent after the LB closed an idle kept-alive connection, "
             f"{seen.slow_ok} slow ({traffic.slow_seconds} s) requests completed; versions served: {seen.versions}"
         )
         for item in seen.failures[:5]:
