@@ -391,6 +391,38 @@ def render(results: Results, plot_name: str) -> str:
     )
     add("")
 
+    # 1b. the same rollout through each load balancer ---------------------------------------
+    by_lb = [r for r in runs if r.runner == "compose-rollout" and (r.label == "v1 → v2" or "through" in r.label)]
+    if len(by_lb) > 1:
+        add("### 1b. The same rollout through each load balancer")
+        add("")
+        add(
+            "The same fleet, load and v1 → v2 rollout, behind each real LB the test bed runs. Time out of "
+            "rotation: behind HAProxy as its monitor saw it; behind the others from compose-rollout's journal "
+            "(drain asked → back in rotation). The load's clients do not resend a request, so a request sent on "
+            "an idle kept-alive connection that a reloading LB (nginx, Caddy) closed at that instant counts as "
+            "failed here (a browser would resend it; the tests count those apart)."
+        )
+        add("")
+        add(
+            _table(
+                ["LB", "rollout succeeded", "requests", "failed", "out of rotation s, mean (min-max)", "wall s"],
+                [
+                    [
+                        r.lb,
+                        "yes" if r.ok else "**failed**",
+                        f"{r.requests:,}",
+                        f"**{r.failed}**",
+                        f"{_s(mean(r.out_of_rotation()), 2)} ({_s(min(r.out_of_rotation(), default=0), 1)}-"
+                        f"{_s(max(r.out_of_rotation(), default=0), 1)})",
+                        _s(r.wall, 1),
+                    ]
+                    for r in by_lb
+                ],
+            )
+        )
+        add("")
+
     # 2. out of rotation vs floor ---------------------------------------------------------
     add("## 2. Time out of rotation per instance vs. its floor")
     add("")
@@ -431,7 +463,7 @@ def render(results: Results, plot_name: str) -> str:
         add("")
         rows = []
         for run in runs:
-            if run.runner == "floor probe" or "broken" in run.label or not run.ok:
+            if run.runner == "floor probe" or "broken" in run.label or not run.ok or run.lb != "haproxy":
                 continue
             outs = run.out_of_rotation()
             drains = run.drain_waits()

@@ -53,6 +53,7 @@ from bench.scenarios import (  # noqa: E402
     measure_floor,
 )
 from compose_rollout.testbed import Testbed  # noqa: E402
+from compose_rollout.testbed.fronts import FRONTS  # noqa: E402
 
 log = logging.getLogger("bench")
 
@@ -88,9 +89,9 @@ class Suite:
         self.workdir = workdir
         self.steady = steady_seconds
 
-    def fleet_file(self, bed: Testbed, name: str, **overrides: object) -> tuple[Path, Path]:
+    def fleet_file(self, bed: Testbed, name: str, lb: str = "haproxy", **overrides: object) -> tuple[Path, Path]:
         state = self.workdir / "state"
-        path = bed.fleet_file(self.workdir / "fleets" / f"{name}.yaml", state_directory=str(state), **overrides)
+        path = bed.fleet_file(self.workdir / "fleets" / f"{name}.yaml", lb=lb, state_directory=str(state), **overrides)
         return path, state
 
     def _record(self, run: Run) -> Run:
@@ -101,14 +102,21 @@ class Suite:
         return run
 
     def compose_rollout(
-        self, bed: Testbed, label: str, tag: str, batch: str = "1", keep_series: bool = False, **overrides: object
+        self,
+        bed: Testbed,
+        label: str,
+        tag: str,
+        batch: str = "1",
+        keep_series: bool = False,
+        lb: str = "haproxy",
+        **overrides: object,
     ) -> Run:
-        """One `rolling-deploy` flow run under load."""
+        """One `rolling-deploy` flow run under load through the LB of kind `lb`."""
         bed.reset()
         batch_value: int | str = int(batch) if batch.isdigit() else batch
         fleet, state = self.fleet_file(
             bed, f"{label}-{len(bed.instances)}".replace(" ", "-").replace("%", "pct"),
-            rollout={"batch_size": batch_value}, **overrides,
+            lb=lb, rollout={"batch_size": batch_value}, **overrides,
         )  # fmt: skip
         say(f"compose-rollout: {label} ({len(bed.instances)} instances, batch {batch})")
         run = measure(
@@ -119,6 +127,7 @@ class Suite:
             compose_rollout_action(fleet, tag),
             steady_seconds=self.steady,
             keep_series=keep_series,
+            lb=lb,
         )
         attach_flow_details(run, state)
         run.fleet_on_target = fleet_on(bed, tag if run.ok else bed.initial_tag)
@@ -185,6 +194,8 @@ class Suite:
     def on_small_bed(self, bed: Testbed, quick: bool, compose_rollout_only: bool) -> None:
         """Measurements 1-4 and the 3-instance scale point, on one bed of 3."""
         self.results.timeline = self.compose_rollout(bed, "v1 → v2", "v2", keep_series=True)
+        for kind in FRONTS:  # the same rollout through each other LB the bed runs
+            self.compose_rollout(bed, f"v1 → v2 through {kind}", "v2", lb=kind)
         if compose_rollout_only:
             # For before/after comparisons of core changes: the floor (for the ratios)
             # and compose-rollout's own runs only.

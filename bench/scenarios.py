@@ -59,6 +59,7 @@ class Run:
     task_runs: dict[str, int] = field(default_factory=dict)
     journal: dict[str, Any] | None = None
     fleet_on_target: bool | None = None
+    lb: str = "haproxy"  # the LB the load went through (the monitor watches HAProxy only)
 
     @property
     def wall(self) -> float:
@@ -73,7 +74,12 @@ class Run:
         return [o for outs in self.outages.values() for o in outs if not o.planned]
 
     def out_of_rotation(self) -> list[float]:
-        """Seconds out of rotation of each instance the runner took out."""
+        """Seconds out of rotation of each instance the runner took out: as HAProxy's
+        monitor saw it, or, behind another LB, from compose-rollout's journal (drain
+        asked → put back done)."""
+        if self.lb != "haproxy":
+            records = (self.journal or {}).get("records", [])
+            return [r["enabled_at"] - r["drained_at"] for r in records if r.get("enabled_at") and r.get("drained_at")]
         return [o.seconds for o in self.planned()]
 
     def drain_waits(self) -> list[float]:
@@ -103,12 +109,14 @@ def measure(
     steady_seconds: float,
     tail_seconds: float = 1.5,
     keep_series: bool = False,
+    lb: str = "haproxy",
 ) -> Run:
-    """Run `action` under load with the HAProxy monitor on; see the module docstring."""
+    """Run `action` under load through the LB of kind `lb` with the HAProxy monitor on;
+    see the module docstring."""
     logins = {i.name: bed.ssh_logins(i.name) for i in bed.instances}
     monitor = LbMonitor(bed.admin, bed.lb_backend)
     load = LoadRun(
-        bed.lb_url,
+        bed.lb_url_of(lb),
         fast_workers=FAST_WORKERS,
         slow_workers=SLOW_WORKERS,
         slow_seconds=SLOW_SECONDS,
@@ -154,6 +162,7 @@ def measure(
         load=result if keep_series else None,
         monitor=monitor if keep_series else None,
         journal={"flow_run_id": outcome.flow_run_id} if outcome.flow_run_id else None,
+        lb=lb,
     )
 
 
