@@ -33,7 +33,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from compose_rollout.errors import LoadBalancerError
-from compose_rollout.lb.base import ServerAction
+from compose_rollout.lb.base import Capability, ServerAction
 from compose_rollout.lb.settings import AwsSettings, aws_target
 
 NOT_REGISTERED = "Target.NotRegistered"
@@ -128,6 +128,11 @@ class AwsTargetGroup:
         self._client = boto3.session.Session().client(
             "elbv2", region_name=settings.region, endpoint_url=settings.endpoint_url, config=config
         )
+
+    @property
+    def capabilities(self) -> frozenset[Capability]:
+        """None yet (registering a target at a new address is possible: the surge strategy)."""
+        return frozenset()
 
     @property
     def backend(self) -> str:

@@ -12,10 +12,17 @@ tests against it (README, "Writing an adapter").
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Literal, Protocol
+from collections.abc import Iterable, Mapping
+from typing import Literal, Protocol, runtime_checkable
+
+from compose_rollout.errors import PreflightError
 
 ServerAction = Literal["ready", "drain"]
+
+# What some adapters can do beyond the contract every one keeps, declared in their
+# `capabilities` and checked in preflight by what needs it (`require`): a surge strategy
+# adds and removes servers, a metric gate reads per-server response counters.
+Capability = Literal["add_server", "remove_server", "response_counters"]
 
 
 class ServerView(Protocol):
@@ -59,6 +66,11 @@ class LoadBalancer(Protocol):
     """
 
     @property
+    def capabilities(self) -> frozenset[Capability]:
+        """What this adapter can do beyond the contract (see `Capability`)."""
+        ...
+
+    @property
     def backend(self) -> str:
         """The group of servers the fleet's instances are in, for people: `backend app`,
         `upstream app in nginx lb1:/etc/nginx/conf.d/app.conf`."""
@@ -86,3 +98,19 @@ class LoadBalancer(Protocol):
         restarted faster than the check's fall count never looked down. False when the
         LB has no health check for the server, whose `up` then observes nothing."""
         ...
+
+
+@runtime_checkable
+class CountsResponses(Protocol):
+    """An LB that counts each server's responses (capability `response_counters`)."""
+
+    def response_counts(self, server: str) -> Mapping[str, int]:
+        """Responses sent from `server` since the LB started, by class: `1xx` ... `5xx`, `other`."""
+        ...
+
+
+def require(lb: LoadBalancer, needed: Iterable[Capability], why: str) -> None:
+    """PreflightError naming what `lb` lacks of `needed`, and what needs it."""
+    missing = sorted(set(needed) - lb.capabilities)
+    if missing:
+        raise PreflightError(f"{lb.backend} cannot {', '.join(missing)}, which {why} needs")

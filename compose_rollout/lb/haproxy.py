@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from compose_rollout.errors import LoadBalancerError, RolloutError
+from compose_rollout.lb.base import Capability
 
 AdminState = Literal["ready", "drain", "maint"]
 
@@ -163,9 +164,19 @@ class HaproxyClient:
                 raise LoadBalancerError(f"{address}: an SSH address needs the LB host's connection")
             self._socket_path = ssh_socket_path(address)  # refused here, before any command runs
 
+    capabilities: frozenset[Capability] = frozenset({"response_counters"})
+
     @property
     def backend(self) -> str:
         return f"HAProxy backend {self.name}"
+
+    def response_counts(self, server: str) -> dict[str, int]:
+        """The server's `hrsp_1xx` ... `hrsp_5xx` and `hrsp_other` counters (`show stat`)."""
+        row = parse_show_stat(self.command(SHOW_STAT), self.name).get(server)
+        if row is None:
+            raise LoadBalancerError(f"{self.backend} has no server {server!r}")
+        kinds = ("1xx", "2xx", "3xx", "4xx", "5xx", "other")
+        return {kind: int(row.get(f"hrsp_{kind}") or 0) for kind in kinds}
 
     def _open(self) -> socket.socket:
         if self.address.startswith("unix://"):

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from compose_rollout.errors import LoadBalancerError, RolloutError
 from compose_rollout.hosts.ssh import Executor, Result
-from compose_rollout.lb.base import ServerAction
+from compose_rollout.lb.base import Capability, ServerAction
 from compose_rollout.lb.connections import count_connections
 from compose_rollout.lb.settings import NginxSettings
 
@@ -146,6 +146,9 @@ class NginxLoadBalancer:
         self.where = f"nginx {settings.ssh_host}:{settings.upstream_file}"
         self._edit = threading.Lock()  # batch_size > 1 drains in parallel; edits go one at a time
 
+    # Adding and removing a server line is possible; the surge strategy will bring it.
+    capabilities: frozenset[Capability] = frozenset()
+
     @property
     def backend(self) -> str:
         return f"upstream {self.settings.upstream} in {self.where}"
@@ -203,14 +206,25 @@ class NginxLoadBalancer:
         self._await_new_workers(before)
 
     def _workers(self) -> set[str]:
-        """PIDs of the workers taking new connections (not those shutting down)."""
-        listed = self.host.run(["ps", "-eo", "pid=,args="], timeout=self.settings.timeout_seconds)
-        workers = set()
+        """PIDs of this nginx's workers that take new connections (not those shutting
+        down): the children of its master (the one started with `main_config`, if set)."""
+        listed = self.host.run(["ps", "-eo", "pid=,ppid=,args="], timeout=self.settings.timeout_seconds)
+        processes = []
         for line in str(listed.stdout).splitlines():
-            pid, _, args = line.strip().partition(" ")
-            if args.strip() == "nginx: worker process":
-                workers.add(pid)
-        return workers
+            fields = line.split(None, 2)
+            if len(fields) == 3:
+                processes.append((fields[0], fields[1], fields[2].strip()))
+        masters = [
+            pid
+            for pid, _, args in processes
+            if args.startswith("nginx: master process")
+            and (self.settings.main_config is None or self.settings.main_config in args.split())
+        ]
+        if len(masters) != 1:
+            found = "no nginx master process" if not masters else f"{len(masters)} nginx master processes"
+            hint = "" if masters == [] or self.settings.main_config else "; set load_balancer.main_config"
+            raise LoadBalancerError(f"{self.where}: {found} on the LB host{hint}")
+        return {pid for pid, ppid, args in processes if ppid == masters[0] and args == "nginx: worker process"}
 
     def _await_new_workers(self, before: set[str]) -> None:
         """A reload is a signal: wait until no worker of the old configuration still
