@@ -305,7 +305,8 @@ class CommandLoadBalancer:
 
     @property
     def backend(self) -> str:
-        return f"the load balancer of the `command` settings (run {self.shell.where})"
+        """For people: `LB kind: command (on lb1 over SSH)`."""
+        return f"kind: command ({self.shell.where})"
 
     def _target(self, server: str) -> Target:
         if server not in self.targets:

@@ -124,6 +124,16 @@ def test_hostile_server_names_reach_the_command_only_as_its_environment(tmp_path
     assert not canary.exists()  # nothing in the value ran
 
 
+def test_on_the_orchestrator_the_environment_is_inherited_but_the_rollout_values_win(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ROLLOUT_SERVER", "inherited")
+    monkeypatch.setenv("LB_API_TOKEN", "from the orchestrator")
+    out = tmp_path / "seen"
+    balancer(drain=f'printf %s "$ROLLOUT_SERVER/$LB_API_TOKEN" > {shlex.quote(str(out))}').set_state("app-1", "drain")
+    assert out.read_text() == "app-1/from the orchestrator"
+
+
 def test_over_ssh_every_value_is_its_own_argv_element_and_the_command_too() -> None:
     env = {"ROLLOUT_ACTION": "state", "ROLLOUT_SERVER": "a; b $(c)"}
     argv = remote_argv("state", 'echo "$ROLLOUT_SERVER"', env, 5)
@@ -401,4 +411,4 @@ def test_connect_runs_on_the_orchestrator_unless_an_ssh_host_is_given() -> None:
     lb, host = adapters.connect(remote.load_balancer, ssh_to, remote.instances)
     assert isinstance(lb, CommandLoadBalancer) and isinstance(lb.shell, RemoteShell)
     assert host is lb.shell.host and asked == [("10.0.0.9", None, "lbadmin")]
-    assert lb.backend == "the load balancer of the `command` settings (run on lb 10.0.0.9 over SSH)"
+    assert lb.backend == "kind: command (on lb 10.0.0.9 over SSH)"
