@@ -146,7 +146,7 @@ class Context:
                 key_passphrase=fleet.ssh.key_passphrase,
             )
 
-        lb, lb_host = adapters.connect(fleet.load_balancer, ssh_to)
+        lb, lb_host = adapters.connect(fleet.load_balancer, ssh_to, fleet.instances)
         return cls(fleet=fleet, hosts=hosts, lb=lb, lb_host=lb_host)
 
     def close(self) -> None:

@@ -2,21 +2,43 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+from compose_rollout.config import Instance
 from compose_rollout.hosts.ssh import Executor
 from compose_rollout.lb.aws import AwsTargetGroup
 from compose_rollout.lb.base import LoadBalancer
+from compose_rollout.lb.command import CommandLoadBalancer, LocalShell, RemoteShell, Shell, Target, url_port
 from compose_rollout.lb.haproxy import HaproxyClient
 from compose_rollout.lb.nginx import NginxLoadBalancer
-from compose_rollout.lb.settings import AwsSettings, HaproxySettings, LoadBalancerSettings, NginxSettings
+from compose_rollout.lb.settings import (
+    AwsSettings,
+    CommandSettings,
+    HaproxySettings,
+    LoadBalancerSettings,
+    NginxSettings,
+)
 
 # (hostname, port or None for ssh.port, user or None for ssh.user) -> a pinned SSH connection
 SshTo = Callable[[str, int | None, str | None], Executor]
 
 
-def connect(settings: LoadBalancerSettings, ssh_to: SshTo) -> tuple[LoadBalancer, Executor | None]:
-    """The adapter for `settings`, and the LB host's SSH connection if it uses one (to close)."""
+def command_target(instance: Instance) -> Target:
+    """What the `command` kind's commands are told about an instance's server."""
+    return Target(
+        server=instance.lb_server,
+        instance=instance.name,
+        host=instance.host,
+        port=url_port(instance.health_url),
+        health_url=instance.health_url,
+    )
+
+
+def connect(
+    settings: LoadBalancerSettings, ssh_to: SshTo, instances: Sequence[Instance]
+) -> tuple[LoadBalancer, Executor | None]:
+    """The adapter for `settings` and the fleet's `instances`, and the LB host's SSH
+    connection if it uses one (to close)."""
     if isinstance(settings, HaproxySettings):
         host = None
         if settings.admin_address.startswith("ssh://"):
@@ -28,4 +50,8 @@ def connect(settings: LoadBalancerSettings, ssh_to: SshTo) -> tuple[LoadBalancer
         return NginxLoadBalancer(settings, host), host
     if isinstance(settings, AwsSettings):
         return AwsTargetGroup(settings), None  # an API over HTTPS: no LB host to reach
+    if isinstance(settings, CommandSettings):
+        host = None if settings.ssh_host is None else ssh_to(settings.ssh_host, settings.ssh_port, settings.ssh_user)
+        shell: Shell = LocalShell() if host is None else RemoteShell(host)
+        return CommandLoadBalancer(settings, [command_target(i) for i in instances], shell), host
     raise AssertionError(f"no adapter for load_balancer.kind {settings.kind}")  # settings.KINDS has it: a bug

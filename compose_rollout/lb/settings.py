@@ -11,7 +11,7 @@ import ipaddress
 import re
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
 
 from compose_rollout.errors import LoadBalancerError
 from compose_rollout.fields import IDENT_RE, USER_RE, Strict, absolute_posix, check, host
@@ -272,7 +272,99 @@ class AwsSettings(LbSettings):
         return self
 
 
-KINDS: dict[str, type[LbSettings]] = {"haproxy": HaproxySettings, "nginx": NginxSettings, "aws": AwsSettings}
+# A command is the fleet owner's shell text, run by `sh`: long enough for a small script.
+MAX_COMMAND_CHARS = 16384
+
+
+def _command_field(description: str) -> Any:
+    return Field(min_length=1, max_length=MAX_COMMAND_CHARS, description=description)
+
+
+class CommandSettings(LbSettings):
+    """Any other load balancer (F5, Cloudflare, a cloud LB, a homemade one): shell commands
+    its owner writes, run by `sh` on the orchestrator (prefect-shell's ShellOperation) or,
+    with `ssh_host`, on that host over SSH. The server, its instance, host and port reach
+    each command as environment variables (ROLLOUT_SERVER, ...), never inside its text;
+    what `in_flight` and `state` must print is in `lb/command.py`, anything else is refused.
+    The commands are trusted configuration: keep credentials in the environment, not in them."""
+
+    kind: Annotated[Literal["command"], Field(description="Load balancer kind.")]
+    drain: Annotated[
+        str,
+        _command_field(
+            "Stops new requests to $ROLLOUT_SERVER (those in flight go on); exits 0 once the LB applies it."
+        ),
+    ]
+    ready: Annotated[str, _command_field("Puts $ROLLOUT_SERVER back in rotation; exits 0 once the LB applies it.")]
+    in_flight: Annotated[
+        str,
+        _command_field(
+            "Prints one non-negative integer: the requests in flight to $ROLLOUT_SERVER "
+            "(never fewer: count connections if the LB cannot count requests)."
+        ),
+    ]
+    state: Annotated[
+        str,
+        _command_field(
+            "Prints one line: `ready` or `drained`, then `up`, `down` or `unknown` (the LB's health check), "
+            "e.g. `drained up`; or `absent` when the LB has no such server."
+        ),
+    ]
+    shutdown_sessions: Annotated[
+        str | None,
+        _command_field(
+            "Cuts what is still in flight to $ROLLOUT_SERVER (rollout.on_drain_timeout: proceed). "
+            "Without it nothing is cut by the LB; stopping the container does."
+        ),
+    ] = None
+    recheck: Annotated[
+        str | None,
+        _command_field(
+            "Makes the LB's health check forget what it saw of $ROLLOUT_SERVER (down until its checks pass "
+            "again), so that `up` after a restart is about the new container. Without it, `up` may be stale."
+        ),
+    ] = None
+    ssh_host: Annotated[
+        str | None, Field(description="Run the commands on this host over SSH instead of on the orchestrator.")
+    ] = None
+    ssh_port: Annotated[int | None, Field(ge=1, le=65535, description="Overrides ssh.port for ssh_host.")] = None
+    ssh_user: Annotated[str | None, Field(description="Overrides ssh.user for ssh_host.")] = None
+
+    @field_validator("drain", "ready", "in_flight", "state", "shutdown_sessions", "recheck")
+    @classmethod
+    def _command(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        if not value.strip():
+            raise ValueError(f"the {info.field_name} command is blank")
+        if "\0" in value:
+            raise ValueError(f"the {info.field_name} command holds a NUL byte, which no shell command can")
+        return value
+
+    @field_validator("ssh_host")
+    @classmethod
+    def _ssh_host(cls, value: str | None) -> str | None:
+        return None if value is None else host(value, "ssh_host")
+
+    @field_validator("ssh_user")
+    @classmethod
+    def _ssh_user(cls, value: str | None) -> str | None:
+        return None if value is None else check(USER_RE, "SSH user", value)
+
+    @model_validator(mode="after")
+    def _ssh_needs_a_host(self) -> CommandSettings:
+        for name in ("ssh_port", "ssh_user"):
+            if getattr(self, name) is not None and self.ssh_host is None:
+                raise ValueError(f"{name} is set but ssh_host is not: the commands run on the orchestrator")
+        return self
+
+
+KINDS: dict[str, type[LbSettings]] = {
+    "haproxy": HaproxySettings,
+    "nginx": NginxSettings,
+    "aws": AwsSettings,
+    "command": CommandSettings,
+}
 
 
 def _kind(data: Any) -> str:
@@ -283,7 +375,8 @@ def _kind(data: Any) -> str:
 LoadBalancerSettings = Annotated[
     Annotated[HaproxySettings, Tag("haproxy")]
     | Annotated[NginxSettings, Tag("nginx")]
-    | Annotated[AwsSettings, Tag("aws")],
+    | Annotated[AwsSettings, Tag("aws")]
+    | Annotated[CommandSettings, Tag("command")],
     Discriminator(
         _kind,
         custom_error_type="load_balancer_kind",

@@ -395,7 +395,7 @@ def test_one_instance_s_turn_makes_these_calls_in_this_order(world: World, front
         raise AssertionError("the aws adapter needs no SSH connection")
 
     the_fleet = fleet(world, front)
-    lb, lb_host = adapters.connect(the_fleet.load_balancer, no_ssh)
+    lb, lb_host = adapters.connect(the_fleet.load_balancer, no_ssh, the_fleet.instances)
     assert isinstance(lb, AwsTargetGroup) and lb_host is None
     hosts = {instance.name: FakeHost(instance.name) for instance in the_fleet.instances}
     hosts["app-1"].on(["timeout"], lambda argv: "")  # `docker compose up`, under coreutils timeout
