@@ -7,6 +7,11 @@ address (Caddy refuses other hosts on a loopback listener). Never a proxy or cre
 from the environment (`requests` would take HTTP_PROXY and ~/.netrc). Each phase (open,
 send, read the head, read each part of the body) waits at most the time left of the
 call's `timeout`, and the answer is at most `MAX_ANSWER_BYTES`.
+
+A connection broken after the request was sent and before the answer (reset, closed)
+is `AnswerLost`; a GET is first sent again on a new connection (`GET_RESENDS` times),
+as HTTP clients do, since Caddy resets connections to its admin API around each config
+load. A change is never sent again here: its sender reads the state and decides.
 """
 
 from __future__ import annotations
@@ -18,9 +23,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, cast
 
-from compose_rollout.errors import LoadBalancerError, RolloutError
+from compose_rollout.errors import AnswerLost, LoadBalancerError, RolloutError
 
 MAX_ANSWER_BYTES = 16 * 1024 * 1024
+# A GET whose connection broke before the answer is sent again, on a new connection,
+# this many more times: Caddy replaces its admin server on every config load and shuts
+# the old one down in the background, which resets a connection it had just accepted.
+GET_RESENDS = 2
+RESEND_PAUSE_SECONDS = 0.05
 
 
 class Stream(Protocol):
@@ -87,6 +97,7 @@ class HttpAdmin:
         timeout: float,
         where: str,
         monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.host = host
         self.port = port
@@ -94,10 +105,22 @@ class HttpAdmin:
         self.timeout = timeout
         self.where = where
         self._monotonic = monotonic
+        self._sleep = sleep
 
     def request(
         self, method: str, path: str, body: bytes | None = None, headers: Mapping[str, str] | None = None
     ) -> Answer:
+        resends = GET_RESENDS if method == "GET" else 0
+        for resend in range(resends + 1):
+            try:
+                return self._once(method, path, body, headers)
+            except AnswerLost:
+                if resend == resends:
+                    raise
+                self._sleep(RESEND_PAUSE_SECONDS * (resend + 1))
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    def _once(self, method: str, path: str, body: bytes | None, headers: Mapping[str, str] | None) -> Answer:
         deadline = self._monotonic() + self.timeout
         head = request_head(method, path, self.host, self.port, headers or {}, len(body or b""))
         what = f"{self.where}: {method} {path}"
@@ -119,12 +142,18 @@ class HttpAdmin:
                 self._bound(stream, deadline)
                 part = response.read(65536)
                 if not part:
+                    if response.length:  # read(amt) ends quietly at a close before Content-Length
+                        raise http.client.IncompleteRead(bytes(data), response.length)
                     return Answer(response.status, bytes(data))
                 data += part
                 if len(data) > MAX_ANSWER_BYTES:
                     raise LoadBalancerError(f"{what}: the answer is longer than {MAX_ANSWER_BYTES} bytes")
         except (OSError, http.client.HTTPException) as error:
-            raise LoadBalancerError(f"{what}: no complete answer ({_reason(error)})") from None
+            # Reset or closed (not timed out): the request went out, the answer was lost.
+            lost = isinstance(error, (ConnectionError, http.client.BadStatusLine, http.client.IncompleteRead))
+            raise (AnswerLost if lost else LoadBalancerError)(
+                f"{what}: no complete answer ({_reason(error)})"
+            ) from None
         finally:
             if response is not None:
                 response.close()

@@ -15,7 +15,10 @@ is refused when the servers are read (in preflight), naming what is wrong.
 
 Every change is one PATCH of the handler's list, computed from the config it replaces
 and sent with `If-Match` on that config's hash, so a change someone made in between is
-refused (HTTP 412): the adapter reads again and retries, a bounded number of times.
+refused (HTTP 412): the adapter reads again and computes again, a bounded number of
+times. It does the same when the PATCH's answer is lost (Caddy replaces its admin server
+on every config load and may reset a connection meanwhile): the next read shows whether
+the change applied, and a change computed from a read is never applied twice.
 Caddy applies a change by loading its whole config again: requests in flight go on,
 new ones follow the new list, idle client keep-alive connections and upgraded
 (WebSocket) connections through any reverse_proxy are closed. The last upstream of the
@@ -36,7 +39,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from compose_rollout.errors import LoadBalancerError
+from compose_rollout.errors import AnswerLost, LoadBalancerError
 from compose_rollout.lb.admin_http import AdminApi, Answer
 from compose_rollout.lb.base import ServerAction
 from compose_rollout.lb.settings import ADDRESS_RE, CaddySettings
@@ -279,13 +282,16 @@ class CaddyLoadBalancer:
                     return
                 path = f"/id/{self.settings.upstreams_id}/upstreams"
                 headers = {"Content-Type": "application/json", "If-Match": config_etag(CONFIG_PATH, body)}
-                answer = self.admin.request("PATCH", path, json.dumps(changed).encode(), headers)
+                try:
+                    answer = self.admin.request("PATCH", path, json.dumps(changed).encode(), headers)
+                except AnswerLost:
+                    continue  # applied or not: the next read tells (and a change made is not made twice)
                 if answer.status != 412:  # 412: the config changed since it was read
                     self._expect(answer, f"PATCH {path} ({state} {server})")
                     return
         raise LoadBalancerError(
-            f"{self.where}: could not {state} {server}: the config changed between reading it and changing it, "
-            f"{EDIT_ATTEMPTS} times in a row (HTTP 412 to If-Match); something else keeps changing it"
+            f"{self.where}: could not {state} {server}: {EDIT_ATTEMPTS} times in a row the config changed between "
+            "reading it and changing it (HTTP 412 to If-Match) or the answer to the change was lost"
         )
 
     def shutdown_sessions(self, server: str) -> None:
