@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,11 @@ COUNTS_PATH = "/reverse_proxy/upstreams"
 # A change refused because the config changed since it was read is computed again on a
 # new read, this many times in all; more means someone keeps changing it.
 EDIT_ATTEMPTS = 5
+# Caddy answers a change once the new config runs; a request the old config had already
+# accepted may still be on its way to the proxy, where it picks its upstream from the old
+# list and is then counted. A drain returns this much later, so that the first read of
+# the drained upstream's requests in flight includes such a request.
+DRAIN_SETTLE_SECONDS = 0.2
 _FNV32_OFFSET, _FNV32_PRIME = 0x811C9DC5, 0x01000193
 
 Upstream = dict[str, Any]
@@ -240,10 +246,11 @@ class CaddyLoadBalancer:
     """The upstreams of the reverse_proxy handler `settings.upstreams_id`; an instance's
     server is its dial address HOST:PORT."""
 
-    def __init__(self, settings: CaddySettings, admin: AdminApi) -> None:
+    def __init__(self, settings: CaddySettings, admin: AdminApi, sleep: Callable[[float], None] = time.sleep) -> None:
         self.settings = settings
         self.admin = admin
         self.where = admin.where
+        self._sleep = sleep
         self._edit = threading.Lock()  # batch_size > 1 drains in parallel; edits go one at a time
 
     @property
@@ -288,6 +295,8 @@ class CaddyLoadBalancer:
                     continue  # applied or not: the next read tells (and a change made is not made twice)
                 if answer.status != 412:  # 412: the config changed since it was read
                     self._expect(answer, f"PATCH {path} ({state} {server})")
+                    if state == "drain":
+                        self._sleep(DRAIN_SETTLE_SECONDS)
                     return
         raise LoadBalancerError(
             f"{self.where}: could not {state} {server}: {EDIT_ATTEMPTS} times in a row the config changed between "

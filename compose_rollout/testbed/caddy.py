@@ -127,9 +127,18 @@ class CaddyFront:
             return
         status, body = self._admin("GET", "/config/")
         if status != 200 or json.loads(body) != self._config:
-            status, body = self._admin("POST", "/load", json.dumps(self._config).encode())
-            if status != 200:
-                raise TestbedError(f"Caddy refused its own config at /load: HTTP {status}: {body[:300]!r}")
+            self.load(self._config)
+
+    def load(self, config: dict[str, Any]) -> None:
+        """Run another config (as a person would with `caddy load`); reset() puts back the first."""
+        status, body = self._admin("POST", "/load", json.dumps(config).encode())
+        if status != 200:
+            raise TestbedError(f"Caddy refused the config at /load: HTTP {status}: {body[:300]!r}")
+
+    @property
+    def initial_config(self) -> dict[str, Any]:
+        """A copy of the config Caddy was started with."""
+        return copy.deepcopy(self._config)
 
     def in_flight(self) -> dict[str, int]:
         """Caddy's own count of the requests in flight to each server (num_requests of

@@ -22,6 +22,7 @@ from compose_rollout.config import load_fleet
 from compose_rollout.errors import AnswerLost, LoadBalancerError
 from compose_rollout.lb.admin_http import Answer, HttpAdmin, Stream, request_head
 from compose_rollout.lb.caddy import (
+    DRAIN_SETTLE_SECONDS,
     EDIT_ATTEMPTS,
     CaddyLoadBalancer,
     Pools,
@@ -423,7 +424,7 @@ def fake() -> FakeCaddy:
 
 @pytest.fixture
 def lb(fake: FakeCaddy) -> CaddyLoadBalancer:
-    return CaddyLoadBalancer(settings(), fake)
+    return CaddyLoadBalancer(settings(), fake, sleep=lambda seconds: None)
 
 
 def test_the_servers_are_the_parked_upstreams_with_caddys_counts(lb: CaddyLoadBalancer) -> None:
@@ -529,7 +530,7 @@ def test_a_parked_address_caddy_does_not_count_is_an_error_not_zero(lb: CaddyLoa
 def test_a_refused_config_is_refused_before_any_change(fake: FakeCaddy) -> None:
     fake.config = config(parked=[{"dial": A}])
     with pytest.raises(LoadBalancerError, match=r"lacks 10\.0\.1\.2:8080, 10\.0\.1\.3:8080"):
-        CaddyLoadBalancer(settings(), fake).set_state(A, "drain")
+        CaddyLoadBalancer(settings(), fake, sleep=lambda seconds: None).set_state(A, "drain")
     assert [call[0] for call in fake.calls] == ["GET"]
 
 
@@ -667,3 +668,12 @@ def test_the_example_fleet_file_loads() -> None:
     fleet = load_fleet(Path(__file__).parents[2] / "examples" / "fleet-caddy.yaml")
     assert isinstance(fleet.load_balancer, CaddySettings)
     assert [instance.lb_server for instance in fleet.instances] == ["10.0.1.11:8080", "10.0.1.12:8080"]
+
+
+def test_a_drain_returns_after_requests_the_old_config_accepted_can_be_counted(fake: FakeCaddy) -> None:
+    slept: list[float] = []
+    lb = CaddyLoadBalancer(settings(), fake, sleep=slept.append)
+    lb.set_state(A, "drain")
+    lb.set_state(A, "drain")  # nothing changed: nothing to wait for
+    lb.set_state(A, "ready")
+    assert slept == [DRAIN_SETTLE_SECONDS]
