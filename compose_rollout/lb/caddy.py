@@ -21,7 +21,9 @@ on every config load and may reset a connection meanwhile): the next read shows 
 the change applied, and a change computed from a read is never applied twice.
 Caddy applies a change by loading its whole config again: requests in flight go on,
 new ones follow the new list, idle client keep-alive connections and upgraded
-(WebSocket) connections through any reverse_proxy are closed. The last upstream of the
+(WebSocket) connections through any reverse_proxy are closed. A drain returns a moment
+after the PATCH (`DRAIN_SETTLE_SECONDS`), once requests the old config had accepted are
+counted. The last upstream of the
 handler is never taken out (Caddy would answer every request 503).
 
 What Caddy cannot tell: whether an upstream is healthy. Its active health check keeps
