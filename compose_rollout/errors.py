@@ -9,6 +9,7 @@
     │   ├── CommandFailed      a remote command exited non-zero
     │   └── CommandTimeout     a remote command did not finish in time
     ├── LoadBalancerError      the LB admin interface refused or did not answer
+    │   └── AnswerLost         the connection broke after the request was sent, before the answer
     ├── RegistryError          the registry did not resolve the image
     ├── WaitTimeout            a bounded wait ended without the awaited state
     ├── Interrupted            Ctrl-C, SIGTERM or a Prefect cancel: waits stop at once
@@ -77,6 +78,11 @@ class CommandTimeout(RemoteError):
 
 class LoadBalancerError(RolloutError):
     """The load balancer's admin interface refused a command or did not answer."""
+
+
+class AnswerLost(LoadBalancerError):
+    """The admin API's connection broke after the request was sent and before its answer
+    was read: a change may or may not have been applied (read the state again)."""
 
 
 class RegistryError(RolloutError):

@@ -134,7 +134,7 @@ class Context:
             for instance in fleet.instances
         }
 
-        def ssh_to(hostname: str, port: int | None, user: str | None) -> Executor:
+        def ssh_to(hostname: str, port: int | None, user: str | None) -> SshHost:
             return SshHost(
                 name=f"lb {hostname}",
                 hostname=hostname,

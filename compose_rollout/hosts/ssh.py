@@ -79,6 +79,13 @@ class Executor(Protocol):
     def close(self) -> None: ...
 
 
+class TunnelHost(Executor, Protocol):
+    """A host that also opens TCP connections from itself (`SshHost.open_tunnel`), for an
+    LB whose admin API listens only on its own host."""
+
+    def open_tunnel(self, address: str, port: int, timeout: float) -> Any: ...
+
+
 class _RefuseUnknownHost(paramiko.MissingHostKeyPolicy):
     """Refuse any host whose key is not pinned, naming the key's fingerprint."""
 
@@ -243,6 +250,31 @@ class SshHost:
         if check and not result.ok:
             raise CommandFailed(self.name, command, code, result.stdout, result.stderr)
         return result
+
+    def open_tunnel(self, address: str, port: int, timeout: float) -> paramiko.Channel:
+        """A TCP connection made by the host to `address:port`, as `ssh -L` makes one (an SSH
+        `direct-tcpip` channel on this host's pinned connection): the way to a service that
+        listens only on the host's loopback, such as Caddy's admin API on localhost:2019.
+
+        Opening it waits at most `timeout`, and so does each read or write on it (the
+        channel's timeout); the caller closes it. ConnectError if the host cannot be
+        reached or will not connect (nothing listens there, forwarding is disabled)."""
+        client = self._connected()
+        where = f"{self.name}: cannot connect to {address}:{port} from this host through an SSH tunnel"
+        try:
+            transport = client.get_transport()
+            if transport is None:
+                raise paramiko.SSHException("the SSH connection is closed")
+            channel = transport.open_channel(
+                "direct-tcpip", dest_addr=(address, port), src_addr=("127.0.0.1", 0), timeout=timeout
+            )
+        except paramiko.ChannelException as error:  # the host answered: it could not connect
+            raise ConnectError(f"{where}: {error.text or error} (SSH open-failure code {error.code})") from None
+        except (OSError, paramiko.SSHException) as error:
+            self.close()
+            raise ConnectError(f"{where}: {error or type(error).__name__}") from None
+        channel.settimeout(timeout)
+        return channel
 
     def _sftp_client(self) -> paramiko.SFTPClient:
         client = self._connected()

@@ -5,22 +5,26 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from compose_rollout.config import Instance
-from compose_rollout.hosts.ssh import Executor
+from compose_rollout.hosts.ssh import Executor, TunnelHost
+from compose_rollout.lb.admin_http import HttpAdmin, Stream, tcp_stream
 from compose_rollout.lb.aws import AwsTargetGroup
 from compose_rollout.lb.base import LoadBalancer
+from compose_rollout.lb.caddy import CaddyLoadBalancer
 from compose_rollout.lb.command import CommandLoadBalancer, LocalShell, RemoteShell, Shell, Target, url_port
 from compose_rollout.lb.haproxy import HaproxyClient
 from compose_rollout.lb.nginx import NginxLoadBalancer
 from compose_rollout.lb.settings import (
     AwsSettings,
+    CaddySettings,
     CommandSettings,
     HaproxySettings,
     LoadBalancerSettings,
     NginxSettings,
+    admin_url_parts,
 )
 
 # (hostname, port or None for ssh.port, user or None for ssh.user) -> a pinned SSH connection
-SshTo = Callable[[str, int | None, str | None], Executor]
+SshTo = Callable[[str, int | None, str | None], TunnelHost]
 
 
 def command_target(instance: Instance) -> Target:
@@ -48,6 +52,22 @@ def connect(
     if isinstance(settings, NginxSettings):
         host = ssh_to(settings.ssh_host, settings.ssh_port, settings.ssh_user)
         return NginxLoadBalancer(settings, host), host
+    if isinstance(settings, CaddySettings):
+        admin_host, admin_port = admin_url_parts(settings.admin_url)
+        if settings.ssh_host is None:
+            admin = HttpAdmin(
+                admin_host, admin_port, tcp_stream, settings.timeout_seconds, f"caddy admin {settings.admin_url}"
+            )
+            return CaddyLoadBalancer(settings, admin), None
+        tunnel_host = ssh_to(settings.ssh_host, settings.ssh_port, settings.ssh_user)
+
+        def through_tunnel(to: str, to_port: int, timeout: float) -> Stream:
+            stream: Stream = tunnel_host.open_tunnel(to, to_port, timeout)
+            return stream
+
+        where = f"caddy admin {settings.admin_url} through SSH to {tunnel_host.name}"
+        admin = HttpAdmin(admin_host, admin_port, through_tunnel, settings.timeout_seconds, where)
+        return CaddyLoadBalancer(settings, admin), tunnel_host
     if isinstance(settings, AwsSettings):
         return AwsTargetGroup(settings), None  # an API over HTTPS: no LB host to reach
     if isinstance(settings, CommandSettings):

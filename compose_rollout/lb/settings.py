@@ -359,11 +359,99 @@ class CommandSettings(LbSettings):
         return self
 
 
+# Caddy's `@id` values as compose-rollout accepts them: one URL path segment (/id/<id>/...).
+CADDY_ID_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+
+
+def admin_url_parts(value: str) -> tuple[str, int]:
+    """(host, port) of a Caddy `admin_url` `http://HOST:PORT` (an IPv6 address in
+    brackets); ValueError for anything else (a path, credentials, https, no port)."""
+    match = re.fullmatch(r"http://(\[[0-9A-Fa-f:.]+\]|[^\s/:?#@\[\]]+):([0-9]{1,5})/?", value)
+    if not match or not 0 < int(match.group(2)) < 65536:
+        raise ValueError(f"admin_url must be http://HOST:PORT (Caddy's `admin.listen`), got {value!r}")
+    name = match.group(1)
+    if name.startswith("["):
+        try:
+            return str(ipaddress.IPv6Address(name[1:-1])), int(match.group(2))
+        except ValueError:
+            raise ValueError(f"admin_url has an invalid IPv6 address: {value!r}") from None
+    return host(name, "admin_url host"), int(match.group(2))
+
+
+class CaddySettings(LbSettings):
+    """Caddy through its admin API: the instances are the upstreams of one `reverse_proxy`
+    handler, found by its `@id`; a second, never-matching handler (the parking handler,
+    its own `@id`) lists them too, so that Caddy keeps counting a drained one's requests.
+    Drain takes the upstream out of the handler's list, ready puts it back."""
+
+    kind: Annotated[Literal["caddy"], Field(description="Load balancer kind.")]
+    admin_url: Annotated[
+        str,
+        Field(
+            description="Caddy's admin API, http://HOST:PORT as its `admin.listen` says; with ssh_host it is "
+            "reached from the LB host through an SSH tunnel (Caddy's default, localhost:2019, listens only there)."
+        ),
+    ] = "http://localhost:2019"
+    ssh_host: Annotated[
+        str | None,
+        Field(description="The LB host: admin_url is reached from it through an SSH tunnel. Unset: directly."),
+    ] = None
+    ssh_port: Annotated[int | None, Field(ge=1, le=65535, description="Overrides ssh.port for the LB host.")] = None
+    ssh_user: Annotated[str | None, Field(description="Overrides ssh.user for the LB host.")] = None
+    upstreams_id: Annotated[
+        str, Field(description="The `@id` of the reverse_proxy handler whose `upstreams` are the instances.")
+    ]
+    parking_id: Annotated[
+        str,
+        Field(
+            description="The `@id` of the parking reverse_proxy handler: in a route that never matches "
+            '(`"match": [{"expression": "false"}]`), listing every upstream of upstreams_id, with the same fields.'
+        ),
+    ] = "rollout_parking"
+
+    server_what: ClassVar[str] = "upstream dial address HOST:PORT"
+
+    def check_server(self, name: str) -> None:
+        check(ADDRESS_RE, self.server_what, name)
+        if not 0 < int(name.rpartition(":")[2]) < 65536:
+            raise ValueError(f"invalid {self.server_what} {name!r}: the port is not from 1 to 65535")
+
+    @field_validator("ssh_host")
+    @classmethod
+    def _ssh_host(cls, value: str | None) -> str | None:
+        return None if value is None else host(value, "ssh_host")
+
+    @field_validator("ssh_user")
+    @classmethod
+    def _ssh_user(cls, value: str | None) -> str | None:
+        return None if value is None else check(USER_RE, "SSH user", value)
+
+    @field_validator("admin_url")
+    @classmethod
+    def _admin_url(cls, value: str) -> str:
+        admin_url_parts(value)
+        return value.rstrip("/")
+
+    @field_validator("upstreams_id", "parking_id")
+    @classmethod
+    def _id(cls, value: str) -> str:
+        return check(CADDY_ID_RE, "Caddy @id", value)
+
+    @model_validator(mode="after")
+    def _two_handlers(self) -> CaddySettings:
+        if self.upstreams_id == self.parking_id:
+            raise ValueError(f"upstreams_id and parking_id must name two handlers, both are {self.upstreams_id!r}")
+        if self.ssh_host is None and (self.ssh_port is not None or self.ssh_user is not None):
+            raise ValueError("ssh_port and ssh_user need ssh_host (the LB host to tunnel through)")
+        return self
+
+
 KINDS: dict[str, type[LbSettings]] = {
     "haproxy": HaproxySettings,
     "nginx": NginxSettings,
     "aws": AwsSettings,
     "command": CommandSettings,
+    "caddy": CaddySettings,
 }
 
 
@@ -376,6 +464,7 @@ LoadBalancerSettings = Annotated[
     Annotated[HaproxySettings, Tag("haproxy")]
     | Annotated[NginxSettings, Tag("nginx")]
     | Annotated[AwsSettings, Tag("aws")]
+    | Annotated[CaddySettings, Tag("caddy")]
     | Annotated[CommandSettings, Tag("command")],
     Discriminator(
         _kind,

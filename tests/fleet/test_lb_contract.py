@@ -137,6 +137,8 @@ def unreachable(bed: Testbed, lb: str) -> dict[str, object]:
     """The fleet file's LB section pointing at an LB that does not answer."""
     if lb == "haproxy":
         return {"admin_address": "tcp://127.0.0.1:1"}
+    if lb == "caddy":  # the SSH tunnel opens, but nothing listens at its end on the LB host
+        return {"admin_url": "http://127.0.0.1:1"}
     return {"ssh_port": 1}  # nothing listens there on the LB host
 
 
@@ -157,7 +159,7 @@ def test_a_server_the_lb_does_not_have_is_refused_naming_it(fresh_fleet: Testbed
     before = seen(bed, lb)
     path = Path(fleet_file(bed, tmp_path, lb=lb))
     document = yaml.safe_load(path.read_text())
-    missing = "app-9" if lb == "haproxy" else "127.0.1.99:8080"
+    missing = {"haproxy": "app-9", "caddy": "127.0.1.99:8080"}.get(lb, "127.0.1.99:8080")
     document["instances"][1]["lb_server"] = missing
     path.write_text(yaml.safe_dump(document))
     with pytest.raises(RolloutError, match="refused before any instance was touched") as raised:
