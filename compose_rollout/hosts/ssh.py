@@ -6,6 +6,9 @@ semantics: unknown or changed keys are refused with their fingerprint), and boun
 every connect, command and file operation with a timeout. The connection sends a
 keepalive when idle, so a long wait (a drain) does not lose it to a NAT or firewall.
 
+A service that listens only on the host (an LB's admin API) is reached through the same
+connection (`open_tunnel`, a `direct-tcpip` channel, as `ssh -L`).
+
 Files are written with OpenSSH's SFTP extensions (`posix-rename@openssh.com`,
 `fsync@openssh.com`, OpenSSH 6.5 or later) and the host's `sync` command.
 """
@@ -53,6 +56,18 @@ class Result:
     @property
     def ok(self) -> bool:
         return self.exit_code == 0
+
+
+class Stream(Protocol):
+    """A connected byte stream with the socket calls `http.client` makes on one."""
+
+    def sendall(self, data: bytes, /) -> None: ...
+
+    def makefile(self, mode: str, /) -> Any: ...
+
+    def settimeout(self, timeout: float | None, /) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class Executor(Protocol):
@@ -243,6 +258,29 @@ class SshHost:
         if check and not result.ok:
             raise CommandFailed(self.name, command, code, result.stdout, result.stderr)
         return result
+
+    def open_tunnel(self, address: str, port: int, timeout: float) -> Stream:
+        """A TCP connection from the host to `address`:`port` (an SSH `direct-tcpip`
+        channel on this host's connection, as `ssh -L` opens), for a service that listens
+        only there, such as an LB's admin API on its loopback. Every read and write on it
+        times out after `timeout` seconds; the caller closes it.
+
+        The host's sshd must allow it (`AllowTcpForwarding`, on by default); a refusal or
+        nothing listening there is a ConnectError naming both."""
+        client = self._connected()
+        transport = client.get_transport()
+        where = f"{self.name}: cannot open a connection to {address}:{port} from it (SSH direct-tcpip)"
+        try:
+            channel = transport.open_channel(  # type: ignore[union-attr]
+                "direct-tcpip", (address, port), ("127.0.0.1", 0), timeout=timeout
+            )
+        except paramiko.ChannelException as error:
+            # sshd's answer: refused by its configuration, or nothing listening there.
+            raise ConnectError(f"{where}: {error.text or 'refused'} (code {error.code})") from None
+        except (OSError, paramiko.SSHException) as error:
+            raise ConnectError(f"{where}: {error or type(error).__name__}") from None
+        channel.settimeout(timeout)
+        return channel
 
     def _sftp_client(self) -> paramiko.SFTPClient:
         client = self._connected()
