@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
-from . import nginx
+from . import nginx, traefik
 
 
 class Front(Protocol):
@@ -43,4 +43,4 @@ class Front(Protocol):
         ...
 
 
-FRONTS: dict[str, type[Front]] = {"nginx": nginx.NginxFront}
+FRONTS: dict[str, type[Front]] = {"nginx": nginx.NginxFront, "traefik": traefik.TraefikFront}
