@@ -11,9 +11,9 @@ back and the step fails. While servers are out, the file as it was with all of t
 is kept beside it (`.NAME.compose-rollout.json`), so that a later run or `rollout
 recover` puts them back exactly; the record goes when the last one is back.
 
-The API is reached through an SSH tunnel to the LB host (`SshHost.open_tunnel`), on the
-same pinned connection as the file edits: it can listen on the LB host's loopback only,
-and Traefik's API has no authentication of its own.
+The API is reached through an SSH tunnel to the LB host (`traefik_api.py`), on the same
+pinned connection as the file edits: it can listen on the LB host's loopback only, and
+Traefik's API has no authentication of its own.
 
 What Traefik can and cannot tell:
 - In flight: nothing per server (its metrics have no server label). `sessions` counts
@@ -35,53 +35,24 @@ What Traefik can and cannot tell:
 
 from __future__ import annotations
 
-import http.client
-import json
 import posixpath
 import threading
 import time
 from collections.abc import Callable, Set
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
 
 from compose_rollout.errors import LoadBalancerError, RolloutError
-from compose_rollout.hosts.ssh import Executor, Stream
 from compose_rollout.lb.base import ServerAction
-from compose_rollout.lb.connections import OPENING_OR_ESTABLISHED, count_connections, split_address
+from compose_rollout.lb.connections import OPENING_OR_ESTABLISHED, count_connections
 from compose_rollout.lb.settings import TraefikSettings
-from compose_rollout.lb.traefik_file import DynamicFile, Parked, check_idle_connections, go_duration
+from compose_rollout.lb.traefik_api import HealthCheck, RunningService, TraefikApi, TunnelHost
+from compose_rollout.lb.traefik_file import DynamicFile, Parked, check_idle_connections
 
-MAX_API_BYTES = 4 * 1024 * 1024
+__all__ = ["TraefikLoadBalancer", "TraefikServer", "TunnelHost"]
+
 POLL_SECONDS = 0.05
 # After Traefik's first check of a server put back is due, a little longer for its answer.
 CHECK_MARGIN_SECONDS = 0.5
-
-
-@runtime_checkable
-class TunnelHost(Executor, Protocol):
-    """The LB host: files and commands over SSH, and a tunnel to Traefik's API."""
-
-    def open_tunnel(self, address: str, port: int, timeout: float) -> Stream: ...
-
-
-class _TunnelConnection(http.client.HTTPConnection):
-    """HTTP/1.1 over a stream that is already connected (an SSH tunnel)."""
-
-    def __init__(self, stream: Stream, host: str, port: int, timeout: float) -> None:
-        super().__init__(host, port, timeout=timeout)
-        self._stream = stream
-
-    def connect(self) -> None:
-        self.sock = self._stream
-
-
-@dataclass(frozen=True)
-class HealthCheck:
-    """The service's healthCheck as Traefik applied it."""
-
-    path: str
-    interval_seconds: float
-    timeout_seconds: float
 
 
 @dataclass(frozen=True)
@@ -149,6 +120,7 @@ class TraefikLoadBalancer:
         self._monotonic = monotonic
         self._sleep = sleep
         self._edit = threading.Lock()  # batch_size > 1 drains in parallel; edits go one at a time
+        self.api = TraefikApi(host, settings.api_address, settings.timeout_seconds, self.where)
 
     @property
     def backend(self) -> str:
@@ -194,80 +166,25 @@ class TraefikLoadBalancer:
             )
         return _State(current, original, parked, record)
 
-    def _api(self, path: str) -> tuple[int, Any]:
-        """(status, JSON body) of a GET on Traefik's API, through the SSH tunnel."""
-        address, port = split_address(self.settings.api_address)
-        timeout = self.settings.timeout_seconds
-        api = f"Traefik's API at {self.settings.api_address} on {self.settings.ssh_host}"
-        try:
-            stream = self.host.open_tunnel(address, port, timeout)
-        except RolloutError as error:
-            raise LoadBalancerError(f"{self.where}: cannot reach {api}: {error}") from None
-        connection = _TunnelConnection(stream, address, port, timeout)
-        try:
-            connection.request("GET", path, headers={"Accept": "application/json", "Connection": "close"})
-            response = connection.getresponse()
-            body = response.read(MAX_API_BYTES + 1)
-        except (OSError, http.client.HTTPException) as error:
-            raise LoadBalancerError(
-                f"{self.where}: GET {path} on {api} failed: {error or type(error).__name__}"
-            ) from None
-        finally:
-            connection.close()
-        if len(body) > MAX_API_BYTES:
-            raise LoadBalancerError(f"{self.where}: {api} answered GET {path} with more than {MAX_API_BYTES} bytes")
-        if response.status != 200:
-            return response.status, body.decode(errors="replace")[-300:]
-        try:
-            return 200, json.loads(body)
-        except ValueError:
-            raise LoadBalancerError(f"{self.where}: {api} answered GET {path} with no JSON") from None
+    def _running(self) -> RunningService:
+        """The service as Traefik runs it now."""
+        return self.api.service(f"{self.settings.service}@file")
 
-    def _service(self) -> dict[str, Any]:
-        """The service as Traefik runs it (`GET /api/http/services/NAME@file`)."""
-        name = f"{self.settings.service}@file"
-        status, body = self._api(f"/api/http/services/{name}")
-        if status == 404:
-            raise LoadBalancerError(
-                f"{self.where}: Traefik has no service {name}: does its file provider read this file "
-                "(providers.file.filename or .directory), and does the file load without errors (Traefik's log)?"
-            )
-        if status != 200 or not isinstance(body, dict):
-            raise LoadBalancerError(f"{self.where}: Traefik's API answered GET service {name} with {status}: {body}")
-        return body
-
-    @staticmethod
-    def _urls(service: dict[str, Any]) -> list[str]:
-        servers = (service.get("loadBalancer") or {}).get("servers") or []
-        return [str(server.get("url")) for server in servers if isinstance(server, dict)]
-
-    def _health_check(self, service: dict[str, Any]) -> HealthCheck | None:
-        """The healthCheck Traefik runs for the servers; None when it checks nothing (none
-        configured, or no router uses the service and so no serverStatus)."""
-        check = (service.get("loadBalancer") or {}).get("healthCheck")
-        if not isinstance(check, dict) or "serverStatus" not in service:
-            return None
-        where = f"{self.where}: service {self.settings.service} healthCheck"
-        return HealthCheck(
-            path=str(check.get("path", "")),
-            interval_seconds=go_duration(check.get("interval", "30s"), f"{where} interval"),
-            timeout_seconds=go_duration(check.get("timeout", "5s"), f"{where} timeout"),
-        )
-
-    def _view(self, state: _State, name: str, service: dict[str, Any] | None) -> TraefikServer:
+    def _view(self, state: _State, name: str, running: RunningService | None) -> TraefikServer:
+        """One server: out of the list, or as Traefik runs it (`running`)."""
         sessions = count_connections(
             self.host, name, self.settings.timeout_seconds, self.where, states=OPENING_OR_ESTABLISHED
         )
-        if name in state.parked:
+        if name in state.parked or running is None:
             return TraefikServer(name, False, None, "out of the list", sessions)
-        assert service is not None
         url = next(item.url for item in state.current.items if item.name == name)
-        if (service.get("loadBalancer") or {}).get("healthCheck") is None:
+        if running.health_check is None:
             return TraefikServer(name, True, None, "the service has no healthCheck", sessions)
-        statuses = service.get("serverStatus")
-        if not isinstance(statuses, dict):
+        if running.statuses is None:
             return TraefikServer(name, True, None, "no router uses the service, so Traefik checks nothing", sessions)
-        return TraefikServer(name, True, str(statuses.get(url, "not yet checked")), "", sessions)
+        if url not in running.statuses:
+            return TraefikServer(name, True, None, "Traefik reports no status for it yet", sessions)
+        return TraefikServer(name, True, running.statuses[url], "", sessions)
 
     def servers(self) -> dict[str, TraefikServer]:
         """Every server of the service, those compose-rollout took out of the list too.
@@ -277,14 +194,13 @@ class TraefikLoadBalancer:
         connections, and the health check's first verdict fits in `ready_timeout_seconds`."""
         state = self._state()
         check_idle_connections(state.current, self.settings.max_idle_seconds)
-        service = self._service()
-        running, listed = sorted(self._urls(service)), sorted(state.current.urls())
-        if running != listed:
+        running = self._running()
+        if sorted(running.urls) != sorted(state.current.urls()):
             raise LoadBalancerError(
-                f"{self.where}: Traefik runs service {self.settings.service}@file with servers {running}, but the "
-                f"file lists {listed}: is this the file Traefik's file provider reads?"
+                f"{self.where}: Traefik runs service {self.settings.service}@file with servers {running.urls}, but "
+                f"the file lists {state.current.urls()}: is this the file Traefik's file provider reads?"
             )
-        check = self._health_check(service)
+        check = running.health_check
         if check is not None and check.interval_seconds + check.timeout_seconds > self.settings.ready_timeout_seconds:
             raise LoadBalancerError(
                 f"{self.where}: Traefik's first check of a server put back takes up to its healthCheck interval + "
@@ -292,7 +208,7 @@ class TraefikLoadBalancer:
                 f"load_balancer.ready_timeout_seconds ({self.settings.ready_timeout_seconds:g} s)"
             )
         names = [*state.current.names, *sorted(state.parked)]
-        return {name: self._view(state, name, service) for name in names}
+        return {name: self._view(state, name, running) for name in names}
 
     def server(self, name: str) -> TraefikServer:
         state = self._state()
@@ -301,7 +217,7 @@ class TraefikLoadBalancer:
                 f"{self.where}: service {self.settings.service} has no server {name} "
                 f"(servers: {', '.join(state.current.names)})"
             )
-        return self._view(state, name, None if name in state.parked else self._service())
+        return self._view(state, name, None if name in state.parked else self._running())
 
     # --- changing -----------------------------------------------------------------------
 
@@ -323,7 +239,7 @@ class TraefikLoadBalancer:
         first check of the new container. False when it is still listed (a reload would
         start it UP again, not forget it) or Traefik checks nothing."""
         found = self._state()
-        return server in found.parked and self._health_check(self._service()) is not None
+        return server in found.parked and self._running().checked
 
     def _drain(self, server: str) -> None:
         found = self._state()
@@ -349,12 +265,11 @@ class TraefikLoadBalancer:
                 "take one out (nothing to put back)"
             )
         self._refuse_if_another_is_down(found, server)
-        service = self._change(found, found.parked - {server}, f"{server} back in the list")
-        check = self._health_check(service)
-        if check is None:
+        running = self._change(found, found.parked - {server}, f"{server} back in the list")
+        if running.health_check is None or not running.checked:
             return
         try:
-            self._await_first_check(server, check)
+            self._await_first_check(server, running.health_check)
         except LoadBalancerError as error:
             try:
                 self._change(self._state(), found.parked, f"{server} out of the list again")
@@ -365,12 +280,11 @@ class TraefikLoadBalancer:
     def _refuse_if_another_is_down(self, found: _State, server: str) -> None:
         """Each reload starts every server of the service UP until its next check: one that
         Traefik sees DOWN would be sent requests it cannot answer."""
-        service = self._service()
-        statuses = service.get("serverStatus")
-        if self._health_check(service) is None or not isinstance(statuses, dict):
+        running = self._running()
+        if running.statuses is None or not running.checked:
             return
         names = {item.url: item.name for item in found.current.items}
-        down = sorted(f"{names.get(url, url)} {status}" for url, status in statuses.items() if status != "UP")
+        down = sorted(f"{names.get(url, url)} {status}" for url, status in running.statuses.items() if status != "UP")
         down = [seen for seen in down if seen.split()[0] != server]
         if down:
             raise LoadBalancerError(
@@ -379,28 +293,35 @@ class TraefikLoadBalancer:
                 "Nothing changed: fix that server or take it out of the list first"
             )
 
-    def _change(self, found: _State, parked: Set[str], what: str) -> dict[str, Any]:
+    def _change(self, found: _State, parked: Set[str], what: str) -> RunningService:
         """Write the file with exactly `parked` out of the list, confirm Traefik runs it, and
         keep the record beside it; on any failure put the file back as it was and raise."""
         text = found.original.without(parked)
-        old = found.current.text
         mode = self._mode()
-        # The record first, naming every server out before or after: a crash between the
-        # writes leaves a record that still explains the file.
-        self._keep_record(found.original.text, found.parked | set(parked))
+        # Write-ahead: before the file changes, the record names every server out before or
+        # after it, so a crash between the writes leaves a record that explains the file.
+        ahead = found.parked | set(parked)
+        recorded = found.record is not None and (found.record.original, found.record.parked) == (
+            found.original.text,
+            ahead,
+        )
+        if not recorded:
+            self._keep_record(found.original.text, ahead, mode)
         self._write(text, mode)
         try:
-            service = self._await_applied(found.original.urls(set(parked)), what)
+            running = self._await_applied(found.original.urls(set(parked)), what)
         except LoadBalancerError as error:
             try:
-                self._write(old, mode)
+                self._write(found.current.text, mode)
                 self._await_applied(found.current.urls(), "the file put back")
-                self._keep_record(found.original.text, found.parked)
+                if ahead != found.parked:
+                    self._keep_record(found.original.text, found.parked, mode)
             except RolloutError as again:
                 raise LoadBalancerError(f"{error}; putting the file back failed too: {again}") from None
             raise LoadBalancerError(f"{error}; the file is back as it was") from None
-        self._keep_record(found.original.text, set(parked))
-        return service
+        if ahead != set(parked):
+            self._keep_record(found.original.text, set(parked), mode)
+        return running
 
     def _mode(self) -> int:
         try:
@@ -414,32 +335,31 @@ class TraefikLoadBalancer:
         except RolloutError as error:
             raise LoadBalancerError(f"{self.where}: cannot write it: {error}") from None
 
-    def _keep_record(self, original: str, parked: Set[str]) -> None:
+    def _keep_record(self, original: str, parked: Set[str], mode: int) -> None:
         """The record beside the file: written while servers are out, removed when none is."""
         try:
             if parked:
                 record = Parked(self.settings.service, original, frozenset(parked))
-                self.host.write_file_atomic(self.record_path, record.encode(), self._mode() & 0o666)
+                self.host.write_file_atomic(self.record_path, record.encode(), mode & 0o666)
             else:
                 self.host.remove_file(self.record_path)
         except RolloutError as error:
             raise LoadBalancerError(f"{self.where}: cannot write {self.record_path}: {error}") from None
 
-    def _await_applied(self, urls: list[str], what: str) -> dict[str, Any]:
+    def _await_applied(self, urls: list[str], what: str) -> RunningService:
         """Wait until Traefik's API lists exactly `urls` for the service (it applies a file
         change after its providers' throttle); the service as Traefik then runs it."""
         limit = self.settings.apply_timeout_seconds
         deadline = self._monotonic() + limit
         while True:
-            service = self._service()
-            running = self._urls(service)
-            if sorted(running) == sorted(urls):
-                return service
+            running = self._running()
+            if sorted(running.urls) == sorted(urls):
+                return running
             if self._monotonic() >= deadline:
                 raise LoadBalancerError(
                     f"{self.where}: Traefik did not apply the change ({what}) within {limit:g} s: its API lists "
-                    f"{running}, the file {urls} (Traefik keeps its old configuration when it cannot read the file; "
-                    "see its log)"
+                    f"{running.urls}, the file {urls} (Traefik keeps its old configuration when it cannot read the "
+                    "file; see its log)"
                 )
             self._sleep(POLL_SECONDS)
 

@@ -33,6 +33,13 @@ from compose_rollout.testbed.traefik import traefik_binary
 ADDRESSES = ("127.0.7.2", "127.0.7.3", "127.0.7.4")
 
 
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # Traefik resetting a health-check connection as it stops is no news
+
+
 class Backend:
     """An instance: `/` answers its name, `/health` 200, `/slow?N` after N seconds."""
 
@@ -59,8 +66,7 @@ class Backend:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer((self.address, self.port), Handler)
-        self._server.daemon_threads = True
+        self._server = _QuietServer((self.address, self.port), Handler)
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
     def stop(self) -> None:

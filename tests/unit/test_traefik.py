@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from compose_rollout.config import load_fleet
 from compose_rollout.errors import LoadBalancerError
 from compose_rollout.hosts.ssh import Stream
+from compose_rollout.lb import adapters
 from compose_rollout.lb.connections import ss_argv
 from compose_rollout.lb.settings import TraefikSettings
 from compose_rollout.lb.traefik import TraefikLoadBalancer
@@ -386,6 +387,7 @@ class FakeTraefik:
         self.applies = True
         self.applied = host.files[PATH].decode()
         self.status: dict[str, str] = {}  # url -> status, UP unless said
+        self.health_check = True
 
     def answer(self, request: bytes) -> bytes:
         path = request.split(b" ", 2)[1].decode()
@@ -393,13 +395,10 @@ class FakeTraefik:
         if self.applies:
             self.applied = self.host.files[PATH].decode()
         urls = DynamicFile(self.applied, "app", "applied").urls()
-        service = {
-            "loadBalancer": {
-                "servers": [{"url": url} for url in urls],
-                "healthCheck": {"path": "/health", "interval": "1s", "timeout": "1s"},
-            },
-            "serverStatus": {url: self.status.get(url, "UP") for url in urls},
-        }
+        balancer: dict[str, Any] = {"servers": [{"url": url} for url in urls]}
+        if self.health_check:
+            balancer["healthCheck"] = {"path": "/health", "interval": "1s", "timeout": "1s"}
+        service = {"loadBalancer": balancer, "serverStatus": {url: self.status.get(url, "UP") for url in urls}}
         body = json.dumps(service).encode()
         return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
 
@@ -516,3 +515,31 @@ def test_up_recheck_and_what_is_said_of_each_server(lb: TraefikLoadBalancer) -> 
     assert lb.server("10.0.1.1:8080").describe() == "in rotation, Traefik check UP, 0 connections"
     lb.shutdown_sessions("10.0.1.2:8080")  # nothing Traefik can do: no call, no error
     assert lb.backend == f"service app in traefik 10.0.0.2:{PATH}"
+
+
+def test_without_a_health_check_traefik_tells_nothing_and_ready_does_not_wait(lb: TraefikLoadBalancer) -> None:
+    host = host_of(lb)
+    host.traefik.health_check = False
+    host.traefik.status["http://10.0.1.1:8080"] = "DOWN"  # never, without a check; and ignored
+    lb.set_state("10.0.1.2:8080", "drain")
+    assert lb.recheck("10.0.1.2:8080") is False
+    before = len(host.tunnels)
+    lb.set_state("10.0.1.2:8080", "ready")
+    assert len(host.tunnels) - before <= 3  # state, the edit's confirmation: no wait for a check
+    listed = lb.server("10.0.1.2:8080")
+    assert (listed.up, listed.in_rotation) == (None, True)
+    assert listed.describe() == "in rotation, 0 connections, health not observable (the service has no healthCheck)"
+
+
+def test_connect_gives_the_adapter_the_lb_hosts_connection_which_must_open_tunnels() -> None:
+    settings = TraefikSettings(**BASE)  # type: ignore[arg-type]
+    opened: list[tuple[str, int | None, str | None]] = []
+
+    def ssh_to(host: str, port: int | None, user: str | None) -> Any:
+        opened.append((host, port, user))
+        return TunnelHost()
+
+    lb, host = adapters.connect(settings, ssh_to)
+    assert isinstance(lb, TraefikLoadBalancer) and host is lb.host and opened == [("10.0.0.2", None, None)]
+    with pytest.raises(LoadBalancerError, match="needs an SSH connection that opens tunnels"):
+        adapters.connect(settings, lambda host, port, user: FakeHost("lb"))
