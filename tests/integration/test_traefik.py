@@ -160,9 +160,10 @@ http:
 class Traefik:
     """Traefik with its file provider on `dynamic_file`, and the three instances."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, watch_directory: bool = False) -> None:
         self.directory = directory
-        self.dynamic_file = directory / "app.yml"
+        self.dynamic_file = directory / "dynamic" / "app.yml"
+        self.dynamic_file.parent.mkdir()
         self.port, self.api_port = free_port(), free_port()
         backend_port = free_port(ADDRESSES[0])
         self.backends = [Backend(address, backend_port) for address in ADDRESSES]
@@ -179,7 +180,9 @@ entryPoints:
 api: {{insecure: true, dashboard: false}}
 providers:
   providersThrottleDuration: 100ms
-  file: {{filename: "{self.dynamic_file}", watch: true}}
+  file: {{{"directory" if watch_directory else "filename"}: "{
+                self.dynamic_file.parent if watch_directory else self.dynamic_file
+            }", watch: true}}
 """
         )
         for backend in self.backends:
@@ -252,13 +255,14 @@ providers:
             backend.stop()
 
 
-@pytest.fixture
-def traefik(tmp_path: Path) -> Iterator[Traefik]:
+@pytest.fixture(params=["filename", "directory"])
+def traefik(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Traefik]:
+    """Traefik's file provider reading the file (`filename`), or every file of its directory."""
     try:
         traefik_binary()
     except TestbedError as error:
         pytest.skip(str(error))
-    running = Traefik(tmp_path)
+    running = Traefik(tmp_path, watch_directory=request.param == "directory")
     try:
         yield running
     finally:
@@ -287,7 +291,7 @@ def test_drain_and_ready_take_one_item_out_and_give_the_file_back_byte_for_byte(
         assert {traefik.get()[1] for _ in range(12)} <= set(traefik.names) - {name}
         lb.set_state(name, "ready")
         assert traefik.dynamic_file.read_text() == traefik.original
-        assert not list(traefik.directory.glob(".*compose-rollout*"))
+        assert not list(traefik.dynamic_file.parent.glob(".*compose-rollout*"))
         assert lb.server(name).in_rotation and lb.server(name).up is True
     assert {traefik.get()[1] for _ in range(24)} == set(traefik.names)
 
@@ -299,7 +303,7 @@ def test_two_out_at_once_are_kept_beside_the_file_and_come_back_in_any_order(tra
     lb.set_state(two, "drain")
     with pytest.raises(LoadBalancerError, match="would leave service 'app' with no server"):
         lb.set_state(three, "drain")
-    record = traefik.directory / ".app.yml.compose-rollout.json"
+    record = traefik.dynamic_file.parent / ".app.yml.compose-rollout.json"
     assert record.exists() and traefik.view() == {one: "out", two: "out", three: "UP"}
     # A new adapter (a later run, `rollout recover`) sees what is out and puts it back.
     later = traefik.lb()
@@ -359,7 +363,7 @@ def test_no_edit_while_traefik_sees_another_server_down(traefik: Traefik) -> Non
 def test_preflight_refuses_what_it_cannot_work_with_naming_it(traefik: Traefik) -> None:
     with pytest.raises(LoadBalancerError, match=r"has no service 'web' under http.services \(services: app\)"):
         traefik.lb(service="web").servers()
-    other = traefik.directory / "other.yml"
+    other = traefik.directory / "other.yml"  # not in Traefik's directory
     other.write_text(traefik.original.replace("'http", "'https"))
     with pytest.raises(LoadBalancerError, match="is this the file Traefik's file provider reads"):
         traefik.lb(dynamic_file=str(other)).servers()

@@ -543,3 +543,21 @@ def test_connect_gives_the_adapter_the_lb_hosts_connection_which_must_open_tunne
     assert isinstance(lb, TraefikLoadBalancer) and host is lb.host and opened == [("10.0.0.2", None, None)]
     with pytest.raises(LoadBalancerError, match="needs an SSH connection that opens tunnels"):
         adapters.connect(settings, lambda host, port, user: FakeHost("lb"))
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_documented_dynamic_files_are_ones_compose_rollout_accepts() -> None:
+    """The example fleet file's comment and the notes' complete configuration."""
+    lines = (ROOT / "examples" / "fleet-traefik.yaml").read_text().splitlines()
+    start = lines.index("#   http:")
+    in_example = "\n".join(line[4:] for line in lines[start:] if line.startswith("#   ") or not line) + "\n"
+    in_example = in_example.split("\n\n", 1)[0] + "\n"
+    notes = (ROOT / "NOTES-wip-traefik.md").read_text()
+    in_notes = notes.split("Dynamic configuration (", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    for text in (in_example, in_notes):
+        found = DynamicFile(text, "terrateam", "doc")
+        assert found.names == ["10.0.1.11:8080", "10.0.1.12:8080"]
+        assert "maxIdleConnsPerHost -1" in check_idle_connections(found, 5)
+        assert DynamicFile(found.without({"10.0.1.11:8080"}), "terrateam", "doc").names == ["10.0.1.12:8080"]
