@@ -6,6 +6,9 @@ semantics: unknown or changed keys are refused with their fingerprint), and boun
 every connect, command and file operation with a timeout. The connection sends a
 keepalive when idle, so a long wait (a drain) does not lose it to a NAT or firewall.
 
+A service that listens only on the host (an LB's admin API) is reached through the same
+connection (`open_tunnel`, a `direct-tcpip` channel, as `ssh -L`).
+
 Files are written with OpenSSH's SFTP extensions (`posix-rename@openssh.com`,
 `fsync@openssh.com`, OpenSSH 6.5 or later) and the host's `sync` command.
 """
@@ -53,6 +56,18 @@ class Result:
     @property
     def ok(self) -> bool:
         return self.exit_code == 0
+
+
+class Stream(Protocol):
+    """A connected byte stream with the socket calls `http.client` makes on one."""
+
+    def sendall(self, data: bytes, /) -> None: ...
+
+    def makefile(self, mode: str, /) -> Any: ...
+
+    def settimeout(self, timeout: float | None, /) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class Executor(Protocol):

@@ -20,8 +20,10 @@ from compose_rollout.lb.settings import (
     HaproxySettings,
     LoadBalancerSettings,
     NginxSettings,
+    TraefikSettings,
     admin_url_parts,
 )
+from compose_rollout.lb.traefik import TraefikLoadBalancer
 
 # (hostname, port or None for ssh.port, user or None for ssh.user) -> a pinned SSH connection
 SshTo = Callable[[str, int | None, str | None], TunnelHost]
@@ -68,6 +70,9 @@ def connect(
         where = f"caddy admin {settings.admin_url} through SSH to {tunnel_host.name}"
         admin = HttpAdmin(admin_host, admin_port, through_tunnel, settings.timeout_seconds, where)
         return CaddyLoadBalancer(settings, admin), tunnel_host
+    if isinstance(settings, TraefikSettings):
+        host = ssh_to(settings.ssh_host, settings.ssh_port, settings.ssh_user)
+        return TraefikLoadBalancer(settings, host), host
     if isinstance(settings, AwsSettings):
         return AwsTargetGroup(settings), None  # an API over HTTPS: no LB host to reach
     if isinstance(settings, CommandSettings):

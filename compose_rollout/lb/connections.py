@@ -35,17 +35,25 @@ def split_address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def ss_argv(address: str) -> list[str]:
-    """`ss` listing the established TCP connections whose far end is `address` (HOST:PORT)."""
+ESTABLISHED = ("established",)
+# A connection still being opened carries a request the LB has already sent that server:
+# on a network slower than loopback it spends a round trip in syn-sent.
+OPENING_OR_ESTABLISHED = ("syn-sent", "established")
+
+
+def ss_argv(address: str, states: tuple[str, ...] = ESTABLISHED) -> list[str]:
+    """`ss` listing the TCP connections in `states` whose far end is `address` (HOST:PORT)."""
     host, port = split_address(address)
     far_end = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return ["ss", "-H", "-t", "-n", "state", "established", "dst", far_end]
+    return ["ss", "-H", "-t", "-n", *(word for state in states for word in ("state", state)), "dst", far_end]
 
 
-def count_connections(runner: RemoteRunner, address: str, timeout: float, where: str) -> int:
-    """How many established TCP connections the LB host has to `address`."""
+def count_connections(
+    runner: RemoteRunner, address: str, timeout: float, where: str, states: tuple[str, ...] = ESTABLISHED
+) -> int:
+    """How many TCP connections in `states` (established) the LB host has to `address`."""
     try:
-        result = runner.run(ss_argv(address), timeout=timeout)
+        result = runner.run(ss_argv(address, states), timeout=timeout)
     except RolloutError as error:
         raise LoadBalancerError(f"{where}: cannot count connections to {address} with `ss`: {error}") from None
     return sum(1 for line in str(result.stdout).splitlines() if line.strip())

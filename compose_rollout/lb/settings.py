@@ -15,6 +15,7 @@ from pydantic import Discriminator, Field, Tag, ValidationInfo, field_validator,
 
 from compose_rollout.errors import LoadBalancerError
 from compose_rollout.fields import IDENT_RE, USER_RE, Strict, absolute_posix, check, host
+from compose_rollout.lb.connections import split_address
 from compose_rollout.lb.haproxy import check_socket_path
 
 # An upstream server as nginx writes it: `HOST:PORT` (IPv4, DNS name, or [IPv6]).
@@ -154,6 +155,100 @@ class NginxSettings(LbSettings, ViaSsh):
         if value.startswith("/"):
             return absolute_posix(value, "nginx_binary")
         return check(re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*"), "nginx_binary", value)
+
+
+def host_and_port(value: str, what: str) -> str:
+    """`HOST:PORT` or `[V6]:PORT` with a port from 1 to 65535; ValueError naming `what`."""
+    if not ADDRESS_RE.fullmatch(value):
+        raise ValueError(f"invalid {what} {value!r}")
+    try:
+        split_address(value)
+    except LoadBalancerError:
+        raise ValueError(f"invalid {what} {value!r}: the port must be 1-65535") from None
+    return value
+
+
+class TraefikSettings(LbSettings, ViaSsh):
+    """Traefik v3 with its file provider: the instances are the `servers` of one service in
+    a YAML dynamic configuration file on the LB host. Drain takes the server's item out of
+    the list and ready puts the same bytes back (Traefik reloads the file by itself; each
+    change is confirmed through Traefik's API, reached through an SSH tunnel to the LB
+    host); in flight counts the LB host's TCP connections to the server (`ss`)."""
+
+    kind: Annotated[Literal["traefik"], Field(description="Load balancer kind.")]
+    dynamic_file: Annotated[
+        str,
+        Field(
+            description="The YAML file Traefik's file provider reads (providers.file.filename, or a file in "
+            "providers.file.directory) holding the service, e.g. /etc/traefik/dynamic/app.yml."
+        ),
+    ]
+    service: Annotated[str, Field(description="The service under http.services whose servers are the instances.")]
+    api_address: Annotated[
+        str,
+        Field(
+            description="Traefik's API (its `traefik` entry point, api.insecure or a router to api@internal) "
+            "as HOST:PORT seen from the LB host; reached through an SSH tunnel, so it can listen on loopback only."
+        ),
+    ] = "127.0.0.1:8080"
+    apply_timeout_seconds: Annotated[
+        float,
+        Field(
+            gt=0,
+            le=300,
+            description="How long Traefik may take to apply an edit of the file, as its API shows "
+            "(providers.providersThrottleDuration, 2 s by default, plus reading the file).",
+        ),
+    ] = 10.0
+    max_idle_seconds: Annotated[
+        float,
+        Field(
+            gt=0,
+            le=300,
+            description="The longest idleConnTimeout accepted for the service's serversTransport: idle "
+            "connections count as in flight, so each drain may wait this long for nothing.",
+        ),
+    ] = 5.0
+    ready_timeout_seconds: Annotated[
+        float,
+        Field(
+            gt=0,
+            le=3600,
+            description="After putting a server back, the longest wait for Traefik's first health check of it "
+            "(the service's healthCheck interval plus timeout must fit in it).",
+        ),
+    ] = 120.0
+
+    server_what: ClassVar[str] = "server HOST:PORT (of its url http://HOST:PORT)"
+
+    def check_server(self, name: str) -> None:
+        host_and_port(name, self.server_what)
+
+    @field_validator("dynamic_file")
+    @classmethod
+    def _dynamic_file(cls, value: str) -> str:
+        path = absolute_posix(value, "dynamic_file")
+        suffix = path.rsplit(".", 1)[-1].lower() if "." in path.rsplit("/", 1)[-1] else ""
+        if suffix == "toml":
+            raise ValueError(
+                f"dynamic_file {value!r} is TOML: compose-rollout edits YAML dynamic configuration only "
+                "(Traefik reads either; keep the service in a .yml file)"
+            )
+        if suffix not in ("yml", "yaml"):
+            raise ValueError(f"dynamic_file must end in .yml or .yaml (Traefik picks the format by it), got {value!r}")
+        return path
+
+    @field_validator("service")
+    @classmethod
+    def _service(cls, value: str) -> str:
+        if "@" in value:
+            raise ValueError(f"service is the name under http.services, without @file, got {value!r}")
+        return check(IDENT_RE, "Traefik service name", value)
+
+    @field_validator("api_address")
+    @classmethod
+    def _api_address(cls, value: str) -> str:
+        return host_and_port(value, "api_address HOST:PORT")
 
 
 # AWS's names: regions (eu-west-1, us-gov-west-1, cn-north-1), partitions (aws, aws-cn,
@@ -449,9 +544,10 @@ class CaddySettings(LbSettings):
 KINDS: dict[str, type[LbSettings]] = {
     "haproxy": HaproxySettings,
     "nginx": NginxSettings,
+    "caddy": CaddySettings,
+    "traefik": TraefikSettings,
     "aws": AwsSettings,
     "command": CommandSettings,
-    "caddy": CaddySettings,
 }
 
 
@@ -465,7 +561,8 @@ LoadBalancerSettings = Annotated[
     | Annotated[NginxSettings, Tag("nginx")]
     | Annotated[AwsSettings, Tag("aws")]
     | Annotated[CaddySettings, Tag("caddy")]
-    | Annotated[CommandSettings, Tag("command")],
+    | Annotated[CommandSettings, Tag("command")]
+    | Annotated[TraefikSettings, Tag("traefik")],
     Discriminator(
         _kind,
         custom_error_type="load_balancer_kind",

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
-from . import caddy, nginx
+from . import caddy, nginx, traefik
 
 
 class Front(Protocol):
@@ -43,4 +43,8 @@ class Front(Protocol):
         ...
 
 
-FRONTS: dict[str, type[Front]] = {"nginx": nginx.NginxFront, "caddy": caddy.CaddyFront}
+FRONTS: dict[str, type[Front]] = {
+    "nginx": nginx.NginxFront,
+    "caddy": caddy.CaddyFront,
+    "traefik": traefik.TraefikFront,
+}

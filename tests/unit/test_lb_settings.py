@@ -54,7 +54,10 @@ def test_an_unknown_kind_is_refused_naming_the_kinds_that_exist(write: Any) -> N
     data = minimal()
     data["load_balancer"]["kind"] = "envoy"
     message = config_error(write(data))
-    assert "load_balancer: unknown load balancer kind; the kinds are haproxy, nginx, aws, command, caddy" in message
+    assert (
+        "load_balancer: unknown load balancer kind; the kinds are haproxy, nginx, caddy, traefik, aws, command"
+        in message
+    )
 
 
 def test_a_setting_of_another_kind_is_refused_naming_its_kind(write: Any) -> None:
