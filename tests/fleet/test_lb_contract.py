@@ -109,7 +109,7 @@ def test_a_request_longer_than_the_drain_timeout_fails_the_step_and_is_not_cut(
 ) -> None:
     bed = fresh_fleet
     before = seen(bed, lb)
-    slow = SlowRequests(bed, 10, lb=lb)
+    slow = SlowRequests(bed, 20, lb=lb)  # long enough to outlast preflight and pre-pull on a busy machine
     with pytest.raises(RolloutError) as raised:
         rolling_deploy(fleet_file=fleet_file(bed, tmp_path, lb=lb, rollout={"drain_timeout_seconds": 2}), tag="v2")
     assert "instance app-1 at step wait-for-sessions" in str(raised.value)
@@ -122,7 +122,7 @@ def test_with_proceed_a_request_longer_than_the_drain_timeout_is_cut_and_counted
     fresh_fleet: Testbed, lb: str, tmp_path: Path
 ) -> None:
     bed = fresh_fleet
-    slow = SlowRequests(bed, 10, lb=lb)
+    slow = SlowRequests(bed, 20, lb=lb)
     fleet = fleet_file(bed, tmp_path, lb=lb, rollout={"drain_timeout_seconds": 2, "on_drain_timeout": "proceed"})
     rows = rolling_deploy(fleet_file=fleet, tag="v2")
     assert sum(int(row["sessions cut"]) for row in rows) >= 1
