@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from compose_rollout.config import load_fleet
+from compose_rollout.lb.settings import KINDS
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
 
@@ -18,3 +19,9 @@ def test_the_example_loads(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name)
     fleet = load_fleet(path)
     assert f"kind: {fleet.load_balancer.kind}" in path.read_text()
+
+
+def test_every_load_balancer_kind_has_an_example(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [n for n in os.environ if n.startswith("ROLLOUT_")]:
+        monkeypatch.delenv(name)
+    assert {load_fleet(path).load_balancer.kind for path in EXAMPLES} == set(KINDS)
