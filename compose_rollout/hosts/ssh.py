@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import paramiko
 from paramiko.sftp import CMD_EXTENDED, CMD_HANDLE, CMD_OPEN, SFTP_FLAG_CREATE, SFTP_FLAG_EXCL, SFTP_FLAG_WRITE
@@ -63,7 +63,7 @@ class Stream(Protocol):
 
     def sendall(self, data: bytes, /) -> None: ...
 
-    def makefile(self, mode: str, /) -> Any: ...
+    def makefile(self, mode: Literal["rb"], /) -> Any: ...
 
     def settimeout(self, timeout: float | None, /) -> None: ...
 
@@ -98,7 +98,7 @@ class TunnelHost(Executor, Protocol):
     """A host that also opens TCP connections from itself (`SshHost.open_tunnel`), for an
     LB whose admin API listens only on its own host."""
 
-    def open_tunnel(self, address: str, port: int, timeout: float) -> Any: ...
+    def open_tunnel(self, address: str, port: int, timeout: float) -> Stream: ...
 
 
 class _RefuseUnknownHost(paramiko.MissingHostKeyPolicy):

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from compose_rollout.config import Instance
-from compose_rollout.hosts.ssh import Executor, TunnelHost
-from compose_rollout.lb.admin_http import HttpAdmin, Stream, tcp_stream
+from compose_rollout.hosts.ssh import Executor, Stream, TunnelHost
+from compose_rollout.lb.admin_http import HttpAdmin, tcp_stream
 from compose_rollout.lb.aws import AwsTargetGroup
 from compose_rollout.lb.base import LoadBalancer
 from compose_rollout.lb.caddy import CaddyLoadBalancer

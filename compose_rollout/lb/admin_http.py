@@ -21,9 +21,10 @@ import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, cast
+from typing import Protocol, cast
 
 from compose_rollout.errors import AnswerLost, LoadBalancerError, RolloutError
+from compose_rollout.hosts.ssh import Stream
 
 MAX_ANSWER_BYTES = 16 * 1024 * 1024
 # A GET whose connection broke before the answer is sent again, on a new connection,
@@ -31,18 +32,6 @@ MAX_ANSWER_BYTES = 16 * 1024 * 1024
 # the old one down in the background, which resets a connection it had just accepted.
 GET_RESENDS = 2
 RESEND_PAUSE_SECONDS = 0.05
-
-
-class Stream(Protocol):
-    """A connected byte stream: a `socket.socket` or a paramiko `Channel`."""
-
-    def sendall(self, data: bytes) -> None: ...
-
-    def makefile(self, mode: Literal["rb"], /) -> Any: ...
-
-    def settimeout(self, timeout: float | None) -> None: ...
-
-    def close(self) -> None: ...
 
 
 # (host, port, timeout) -> a stream connected to the admin API

@@ -42,10 +42,11 @@ from collections.abc import Callable, Set
 from dataclasses import dataclass
 
 from compose_rollout.errors import LoadBalancerError, RolloutError
+from compose_rollout.hosts.ssh import TunnelHost
 from compose_rollout.lb.base import Capability, ServerAction
 from compose_rollout.lb.connections import OPENING_OR_ESTABLISHED, count_connections
 from compose_rollout.lb.settings import TraefikSettings
-from compose_rollout.lb.traefik_api import HealthCheck, RunningService, TraefikApi, TunnelHost
+from compose_rollout.lb.traefik_api import HealthCheck, RunningService, TraefikApi
 from compose_rollout.lb.traefik_file import DynamicFile, Parked, check_idle_connections
 
 __all__ = ["TraefikLoadBalancer", "TraefikServer", "TunnelHost"]

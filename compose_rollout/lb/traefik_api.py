@@ -14,21 +14,14 @@ from __future__ import annotations
 import http.client
 import json
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 from compose_rollout.errors import LoadBalancerError, RolloutError
-from compose_rollout.hosts.ssh import Executor, Stream
+from compose_rollout.hosts.ssh import Stream, TunnelHost
 from compose_rollout.lb.connections import split_address
 from compose_rollout.lb.traefik_file import go_duration
 
 MAX_API_BYTES = 4 * 1024 * 1024
-
-
-@runtime_checkable
-class TunnelHost(Executor, Protocol):
-    """The LB host: files and commands over SSH, and a tunnel to Traefik's API."""
-
-    def open_tunnel(self, address: str, port: int, timeout: float) -> Stream: ...
 
 
 class _TunnelConnection(http.client.HTTPConnection):
