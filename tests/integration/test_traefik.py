@@ -29,6 +29,7 @@ from compose_rollout.lb.settings import TraefikSettings
 from compose_rollout.lb.traefik import TraefikLoadBalancer
 from compose_rollout.testbed._util import TestbedError, http_get
 from compose_rollout.testbed.traefik import traefik_binary
+from tests.ci import unavailable
 
 ADDRESSES = ("127.0.7.2", "127.0.7.3", "127.0.7.4")
 
@@ -261,7 +262,7 @@ def traefik(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Traefik]
     try:
         traefik_binary()
     except TestbedError as error:
-        pytest.skip(str(error))
+        unavailable(str(error))  # in CI a missing Traefik is a broken set-up, not a skip
     running = Traefik(tmp_path, watch_directory=request.param == "directory")
     try:
         yield running
