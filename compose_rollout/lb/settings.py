@@ -45,23 +45,30 @@ class LbSettings(Strict):
         return data
 
 
-class ViaSsh(Strict):
-    """An LB whose configuration lives on its host, reached over SSH with the fleet's
-    `ssh` settings and its host key pinned in `ssh.known_hosts_file`."""
+class SshReach(Strict):
+    """An LB host reached over SSH with the fleet's `ssh` settings and its host key pinned
+    in `ssh.known_hosts_file`; optional here (a kind that may do without re-declares
+    `ssh_host` with its own description), required by `ViaSsh`."""
 
-    ssh_host: Annotated[str, Field(description="The LB host, reached over SSH.")]
+    ssh_host: Annotated[str | None, Field(description="The LB host, reached over SSH.")] = None
     ssh_port: Annotated[int | None, Field(ge=1, le=65535, description="Overrides ssh.port for the LB host.")] = None
     ssh_user: Annotated[str | None, Field(description="Overrides ssh.user for the LB host.")] = None
 
     @field_validator("ssh_host")
     @classmethod
-    def _ssh_host(cls, value: str) -> str:
-        return host(value, "ssh_host")
+    def _ssh_host(cls, value: str | None) -> str | None:
+        return None if value is None else host(value, "ssh_host")
 
     @field_validator("ssh_user")
     @classmethod
     def _ssh_user(cls, value: str | None) -> str | None:
         return None if value is None else check(USER_RE, "SSH user", value)
+
+
+class ViaSsh(SshReach):
+    """An LB whose configuration lives on its host, reached over SSH."""
+
+    ssh_host: Annotated[str, Field(description="The LB host, reached over SSH.")]
 
 
 class HaproxySettings(LbSettings):
@@ -375,7 +382,7 @@ def _command_field(description: str) -> Any:
     return Field(min_length=1, max_length=MAX_COMMAND_CHARS, description=description)
 
 
-class CommandSettings(LbSettings):
+class CommandSettings(LbSettings, SshReach):
     """Any other load balancer (F5, Cloudflare, a cloud LB, a homemade one): shell commands
     its owner writes, run by `sh` on the orchestrator (prefect-shell's ShellOperation) or,
     with `ssh_host`, on that host over SSH. The server, its instance, host and port reach
@@ -422,8 +429,6 @@ class CommandSettings(LbSettings):
     ssh_host: Annotated[
         str | None, Field(description="Run the commands on this host over SSH instead of on the orchestrator.")
     ] = None
-    ssh_port: Annotated[int | None, Field(ge=1, le=65535, description="Overrides ssh.port for ssh_host.")] = None
-    ssh_user: Annotated[str | None, Field(description="Overrides ssh.user for ssh_host.")] = None
 
     @field_validator("drain", "ready", "in_flight", "state", "shutdown_sessions", "recheck")
     @classmethod
@@ -435,16 +440,6 @@ class CommandSettings(LbSettings):
         if "\0" in value:
             raise ValueError(f"the {info.field_name} command holds a NUL byte, which no shell command can")
         return value
-
-    @field_validator("ssh_host")
-    @classmethod
-    def _ssh_host(cls, value: str | None) -> str | None:
-        return None if value is None else host(value, "ssh_host")
-
-    @field_validator("ssh_user")
-    @classmethod
-    def _ssh_user(cls, value: str | None) -> str | None:
-        return None if value is None else check(USER_RE, "SSH user", value)
 
     @model_validator(mode="after")
     def _ssh_needs_a_host(self) -> CommandSettings:
@@ -473,7 +468,7 @@ def admin_url_parts(value: str) -> tuple[str, int]:
     return host(name, "admin_url host"), int(match.group(2))
 
 
-class CaddySettings(LbSettings):
+class CaddySettings(LbSettings, SshReach):
     """Caddy through its admin API: the instances are the upstreams of one `reverse_proxy`
     handler, found by its `@id`; a second, never-matching handler (the parking handler,
     its own `@id`) lists them too, so that Caddy keeps counting a drained one's requests.
@@ -491,8 +486,6 @@ class CaddySettings(LbSettings):
         str | None,
         Field(description="The LB host: admin_url is reached from it through an SSH tunnel. Unset: directly."),
     ] = None
-    ssh_port: Annotated[int | None, Field(ge=1, le=65535, description="Overrides ssh.port for the LB host.")] = None
-    ssh_user: Annotated[str | None, Field(description="Overrides ssh.user for the LB host.")] = None
     upstreams_id: Annotated[
         str, Field(description="The `@id` of the reverse_proxy handler whose `upstreams` are the instances.")
     ]
@@ -510,16 +503,6 @@ class CaddySettings(LbSettings):
         check(ADDRESS_RE, self.server_what, name)
         if not 0 < int(name.rpartition(":")[2]) < 65536:
             raise ValueError(f"invalid {self.server_what} {name!r}: the port is not from 1 to 65535")
-
-    @field_validator("ssh_host")
-    @classmethod
-    def _ssh_host(cls, value: str | None) -> str | None:
-        return None if value is None else host(value, "ssh_host")
-
-    @field_validator("ssh_user")
-    @classmethod
-    def _ssh_user(cls, value: str | None) -> str | None:
-        return None if value is None else check(USER_RE, "SSH user", value)
 
     @field_validator("admin_url")
     @classmethod
