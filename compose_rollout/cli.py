@@ -2,7 +2,7 @@
 
 rollout deploy --fleet FLEET --tag TAG      roll the fleet to TAG (exit 0), or roll back (exit 1);
                                             --batch-size, --canary, --pause, --drain-timeout,
-                                            --on-drain-timeout, --on-locked: the fleet file's
+                                            --on-drain-timeout, --on-locked, --strategy: the fleet file's
                                             `rollout` settings, for this run
 rollout plan   --fleet FLEET --tag TAG      what would change; touches nothing
 rollout status --fleet FLEET                per instance: image, container, /health, LB
@@ -111,6 +111,7 @@ POLICY_FLAGS = (
     "drain_timeout_seconds",
     "on_drain_timeout",
     "on_locked",
+    "strategy",
 )
 
 
@@ -251,6 +252,11 @@ def parser() -> argparse.ArgumentParser:
                 "--on-drain-timeout", choices=("fail", "proceed"), help="when requests outlast it: fail, or cut them"
             )
             sub.add_argument("--on-locked", choices=("fail", "wait"), help="when another run holds the fleet")
+            sub.add_argument(
+                "--strategy",
+                choices=("in-place", "surge"),
+                help="in-place: replace each container out of rotation; surge: start the new one beside it first",
+            )
             sub.add_argument("--urgent", action="store_true", help="deploy now even outside maintenance windows")
         if name == "recover":
             sub.add_argument(

@@ -140,6 +140,14 @@ class RolloutPolicy(Strict):
     lock_wait_seconds: Annotated[
         float, Field(gt=0, le=86400, description="With on_locked: wait, how long to wait for the lock.")
     ] = 3600.0
+    strategy: Annotated[
+        Literal["in-place", "surge"],
+        Field(
+            description="`in-place`: each instance leaves rotation while its container is replaced; `surge`: the "
+            "new container starts beside the old one and takes traffic before the old one is drained "
+            "(no capacity lost; the service must publish a host port range, README)."
+        ),
+    ] = "in-place"
     allow_single_instance: Annotated[
         bool, Field(description="Allow a fleet of one instance (it cannot stay up during the update).")
     ] = False
@@ -373,14 +381,15 @@ class Fleet(YamlSettings):
                 raise ValueError(f"instances[{index}].lb_server: {error} (load_balancer.kind {kind})") from None
         check_credentials_host(self.registry, [self.image_repository, *self.allowed_repositories])
         size = len(self.instances)
-        if size < 2 and not self.rollout.allow_single_instance:
+        if size < 2 and not self.rollout.allow_single_instance and self.rollout.strategy == "in-place":
             raise ValueError(
                 "instances: a fleet of one cannot stay up while it is updated; "
                 "set rollout.allow_single_instance: true to accept downtime"
             )
-        if size >= 2 and self.rollout.batch_count(size) >= size:
+        if size >= 2 and self.rollout.strategy == "in-place" and self.rollout.batch_count(size) >= size:
             raise ValueError(
-                f"rollout.batch_size: {self.rollout.batch_size} would take all {size} instances out of rotation at once"
+                f"rollout.batch_size: {self.rollout.batch_size} would take all {size} instances out of rotation at "
+                "once (rollout.strategy: surge keeps them serving, and allows it)"
             )
         return self
 

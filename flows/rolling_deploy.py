@@ -406,6 +406,7 @@ def rolling_deploy(
     drain_timeout_seconds: Annotated[float | None, Field(gt=0, le=86400)] = None,
     on_drain_timeout: Literal["fail", "proceed"] | None = None,
     on_locked: Literal["fail", "wait"] | None = None,
+    strategy: Literal["in-place", "surge"] | None = None,
     urgent: bool = False,
     triggered_by: str = "python",
     requested_at: datetime | None = None,
@@ -427,6 +428,9 @@ def rolling_deploy(
             back, "proceed" cuts them and goes on. Empty: the fleet file's ("fail").
         on_locked: When another run holds the fleet: "fail" at once, or "wait" for it.
             Empty: the fleet file's ("fail").
+        strategy: "in-place" replaces each instance's container while it is out of rotation;
+            "surge" starts the new container beside the old one and puts it in the LB before
+            the old one leaves (no capacity lost). Empty: the fleet file's ("in-place").
         urgent: Deploy now even outside the fleet's maintenance windows.
         triggered_by: Who or what started the run, for the record.
         requested_at: When this deploy was asked for; set by a run that re-scheduled itself
@@ -441,6 +445,7 @@ def rolling_deploy(
         "drain_timeout_seconds": drain_timeout_seconds,
         "on_drain_timeout": on_drain_timeout,
         "on_locked": on_locked,
+        "strategy": strategy,
     }
     policy = {name: value for name, value in knobs.items() if value is not None}
     fleet = load_fleet(fleet_file, **({"rollout": policy} if policy else {}))

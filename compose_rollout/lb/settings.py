@@ -71,6 +71,14 @@ class ViaSsh(SshReach):
     ssh_host: Annotated[str, Field(description="The LB host, reached over SSH.")]
 
 
+class SurgeCheck(Strict):
+    """`inter`, `rise` and `fall` of an added server's health check (HAProxy's defaults)."""
+
+    inter_ms: Annotated[int, Field(ge=10, le=3_600_000, description="Time between two checks, in ms.")] = 2000
+    rise: Annotated[int, Field(ge=1, le=100, description="Passing checks before the server is UP.")] = 2
+    fall: Annotated[int, Field(ge=1, le=100, description="Failing checks before the server is DOWN.")] = 3
+
+
 class HaproxySettings(LbSettings):
     """HAProxy through its runtime API (the stats socket with `level admin`)."""
 
@@ -83,6 +91,13 @@ class HaproxySettings(LbSettings):
         ),
     ]
     backend: Annotated[str, Field(description="HAProxy backend holding the instances' servers.")]
+    surge_check: Annotated[
+        SurgeCheck,
+        Field(
+            description="The health check of the server the surge strategy adds for a new container: HAProxy "
+            "applies no `default-server` line to a server added at run time, so give what your server lines use."
+        ),
+    ] = SurgeCheck()
 
     def check_server(self, name: str) -> None:
         check(IDENT_RE, "HAProxy server name", name)
