@@ -46,7 +46,7 @@ def table(rows: list[dict[str, object]]) -> str:
     """Rows as an aligned plain-text table."""
     if not rows:
         return "(nothing)"
-    headers = list(rows[0])
+    headers = list(dict.fromkeys(key for row in rows for key in row))
     cells = [[str(row.get(h, "")) if row.get(h) is not None else "-" for h in headers] for row in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
@@ -195,19 +195,28 @@ def _status(args: argparse.Namespace) -> int:
 
         def one(instance: Instance) -> dict[str, object]:
             row: dict[str, object] = {"instance": instance.name}
+            url = instance.health_url
             try:
                 found = procedure.snapshot(ctx, instance)
                 row["compose image"] = found.image
                 row["running"] = procedure.running_digest(ctx, instance, found.container)
                 row["container"] = found.container.status
+                followed = procedure.service_ports(ctx, instance, found)
+                if followed is not None:  # which port of a published range the container got
+                    ports, port = followed
+                    row["port"] = f"{port} ({ports.container_port})"
+                    url = ports.url_at(url, port)
             except RolloutError as error:
                 row["compose image"] = f"ERROR: {error}"
-            _, seen = ctx.probe(instance.health_url, fleet.health.request_timeout_seconds)
+            _, seen = ctx.probe(url, fleet.health.request_timeout_seconds)
             row["health"] = seen
             row["lb"] = servers.get(instance.lb_server, "unknown")
             return row
 
         print(table(_per_instance(fleet, ctx, one)))
+        strays = sorted(set(servers) - {instance.lb_server for instance in fleet.instances})
+        for name in strays:
+            print(f"{ctx.lb.backend} also has {name}: {servers[name]}")
     finally:
         ctx.close()
     return EXIT_OK

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import Any, Protocol
 
 import requests
 
@@ -23,6 +23,7 @@ from compose_rollout.errors import (
     ConfigError,
     HostKeyError,
     Interrupted,
+    LoadBalancerError,
     PreflightError,
     RemoteError,
     RolloutError,
@@ -34,7 +35,8 @@ from compose_rollout.hosts.compose_file import current_image, set_image
 from compose_rollout.hosts.ssh import Executor, SshHost
 from compose_rollout.images import ImageRef, parse_reference, validate_tag
 from compose_rollout.lb import adapters
-from compose_rollout.lb.base import LoadBalancer, ServerView
+from compose_rollout.lb.base import AddsServers, LoadBalancer, ServerView
+from compose_rollout.ports import Ports, host_ports, reached_at
 from compose_rollout.state.journal import InstanceRecord, Ledger
 
 
@@ -195,11 +197,14 @@ def compose_version(ctx: Context, instance: Instance) -> ComposeVersion:
     return ctx.compose_versions[instance.name]
 
 
-def container_state(ctx: Context, instance: Instance, known_id: str | None = None) -> ContainerState | None:
+def container_state(
+    ctx: Context, instance: Instance, known_id: str | None = None, exact: bool = False
+) -> ContainerState | None:
     """The service's container, or None if there is none.
 
     With `known_id` (the container seen last time) one `docker inspect` suffices while
-    it still exists; otherwise the container is found by its Compose labels first.
+    it still exists; otherwise the container is found by its Compose labels first
+    (`exact`: not looked for; None if `known_id` is gone, as the service may have two).
     """
     info = None
     if known_id is not None:
@@ -207,6 +212,8 @@ def container_state(ctx: Context, instance: Instance, known_id: str | None = Non
             commands.inspect_container(known_id), timeout=ctx.fleet.ssh.command_timeout_seconds, check=False
         )
         info = json.loads(found.stdout)[0] if found.ok else None
+        if info is None and exact:
+            return None
     if info is None:
         ids = ctx.run(instance, commands.service_containers(instance, ctx.fleet.service)).split()
         if not ids:
@@ -226,6 +233,40 @@ def container_state(ctx: Context, instance: Instance, known_id: str | None = Non
         restart_count=int(info.get("RestartCount", 0)),
         health=(state.get("Health") or {}).get("Status", ""),
     )
+
+
+def inspect(ctx: Context, instance: Instance, container_id: str) -> dict[str, Any]:
+    """`docker inspect` of one container."""
+    found: dict[str, Any] = json.loads(ctx.run(instance, commands.inspect_container(container_id)))[0]
+    return found
+
+
+def port_of(ctx: Context, instance: Instance, container_id: str, container_port: str) -> int:
+    """The host port `container_id` got for `container_port`."""
+    port = host_ports(inspect(ctx, instance, container_id)).get(container_port)
+    if port is None:
+        raise RemoteError(f"{instance.name}: container {container_id[:12]} publishes no host port for {container_port}")
+    return port
+
+
+def service_ports(ctx: Context, instance: Instance, found: Snapshot) -> tuple[Ports, int] | None:
+    """The container port behind the instance's LB server, its published range, and the
+    port the running container has; None when the LB cannot say where it sends (only
+    an LB that can move a server follows ports) or sends to no published port."""
+    if not isinstance(ctx.lb, AddsServers):
+        return None
+    _, lb_port = ctx.lb.server_address(instance.lb_server)
+    ports = reached_at(inspect(ctx, instance, found.container.id), lb_port)
+    return (ports, lb_port) if ports is not None else None
+
+
+def health_url(instance: Instance, record: InstanceRecord, port: int | None = None) -> str:
+    """The health URL of the container on `port` (default: the one serving now), when the
+    fleet file's URL addresses the published range; else the fleet file's URL."""
+    port = port or record.port
+    if not record.container_port or not port:
+        return instance.health_url
+    return Ports(record.container_port, record.port_low, record.port_high).url_at(instance.health_url, port)
 
 
 def local_image_id(ctx: Context, instance: Instance, image: str) -> str | None:
@@ -256,6 +297,9 @@ class Snapshot:
     mode: int
     image: str
     container: ContainerState
+    # Where the LB reaches the container, when followed (`service_ports`), and its host port now.
+    ports: Ports | None = None
+    port: int = 0
 
 
 def snapshot(ctx: Context, instance: Instance) -> Snapshot:
@@ -292,7 +336,8 @@ def preflight_instance(ctx: Context, instance: Instance) -> Snapshot:
     found = snapshot(ctx, instance)
     if found.container.status != "running":
         raise PreflightError(f"{instance.name}: {found.container.describe()}, not running")
-    return found
+    followed = service_ports(ctx, instance, found)
+    return found if followed is None else replace(found, ports=followed[0], port=followed[1])
 
 
 def preflight_lb(ctx: Context) -> Mapping[str, ServerView]:
@@ -355,24 +400,26 @@ def drain(ctx: Context, instance: Instance, ledger: Ledger) -> int:
     return sessions
 
 
-def wait_for_sessions(ctx: Context, instance: Instance, ledger: Ledger) -> int:
-    """Wait until the LB counts no active session on the instance; return sessions cut."""
+def wait_for_sessions(ctx: Context, instance: Instance, ledger: Ledger, server_name: str = "") -> int:
+    """Wait until the LB counts no active session on the instance's server (or
+    `server_name`); return sessions cut."""
     policy = ctx.fleet.rollout
+    name = server_name or instance.lb_server
     deadline, limit = ctx.wait_until(policy.drain_timeout_seconds)
     while True:
-        server = ctx.lb.server(instance.lb_server)
+        server = ctx.lb.server(name)
         if server.sessions == 0:
             return 0
         if ctx.clock.monotonic() >= deadline:
             # A rollback cut short by an interruption never cuts requests: it stops instead.
             if policy.on_drain_timeout == "proceed" and limit >= policy.drain_timeout_seconds:
-                ctx.lb.shutdown_sessions(instance.lb_server)
-                ledger.update(instance.name, sessions_cut=server.sessions)
+                ctx.lb.shutdown_sessions(name)
+                ledger.update(instance.name, sessions_cut=ledger[instance.name].sessions_cut + server.sessions)
                 return server.sessions
             why = (
                 "rollout.on_drain_timeout: fail" if limit >= policy.drain_timeout_seconds else "the run was interrupted"
             )
-            raise WaitTimeout(f"{instance.lb_server} to finish its sessions ({why})", limit, server.describe())
+            raise WaitTimeout(f"{name} to finish its sessions ({why})", limit, server.describe())
         ctx.pause(0.1)
 
 
@@ -407,26 +454,49 @@ def up(ctx: Context, instance: Instance, ledger: Ledger) -> bool:
     argv = commands.compose_up(instance, compose_version(ctx, instance), ctx.fleet.service)
     ledger.update(instance.name, restarted=True, up_at=time.time())
     ctx.run(instance, commands.with_timeout(argv, timeout), timeout=timeout + 15)
+    follow_port(ctx, instance, ledger)
     return ctx.lb.recheck(instance.lb_server)
 
 
-def await_healthy(ctx: Context, instance: Instance, image_id: str) -> float:
+def follow_port(ctx: Context, instance: Instance, ledger: Ledger) -> None:
+    """After `up`: the recreated container may have got another port of a published range;
+    the instance's LB server (drained) is moved to it, and the health gate probes it."""
+    record = ledger[instance.name]
+    if not record.container_port:
+        return
+    container = container_state(ctx, instance)
+    if container is None:
+        return  # the health gate says "no container"
+    port = port_of(ctx, instance, container.id, record.container_port)
+    if port != record.port:
+        if not isinstance(ctx.lb, AddsServers):
+            raise LoadBalancerError(f"{instance.name} now listens on port {port}, and {ctx.lb.backend} cannot follow")
+        ctx.lb.move_server(instance.lb_server, port)
+        ledger.update(instance.name, port=port)
+
+
+def await_healthy(
+    ctx: Context, instance: Instance, image_id: str, url: str = "", container_id: str | None = None
+) -> float:
     """Wait for N consecutive healthy probes from a container running `image_id`, then a
     stabilisation window in which it must stay so (same container, no restart).
 
+    `url`: where to probe (default: the fleet file's health URL); `container_id`: that
+    container, not the service's only one (the surge strategy runs two).
     Returns the seconds it took. Raises WaitTimeout with the last state seen.
     """
+    url = url or instance.health_url
     health = ctx.fleet.health
     started = ctx.clock.monotonic()
     deadline, limit = ctx.wait_until(health.timeout_seconds)
     passes, last = 0, "nothing yet"
     stable_since: float | None = None
     stable_container: ContainerState | None = None
-    seen_id: str | None = None
+    seen_id: str | None = container_id
     while True:
         tick = ctx.clock.monotonic()
-        container = container_state(ctx, instance, seen_id)
-        seen_id = container.id if container else None
+        container = container_state(ctx, instance, seen_id, exact=container_id is not None)
+        seen_id = container.id if container else container_id
         if container is None:
             ok, last = False, "no container"
         elif container.image_id != image_id:
@@ -439,8 +509,8 @@ def await_healthy(ctx: Context, instance: Instance, image_id: str) -> float:
         ):
             ok, last = False, f"{container.describe()} restarted after passing"
         else:
-            ok, seen = ctx.probe(instance.health_url, health.request_timeout_seconds)
-            last = f"{instance.health_url}: {seen}; {container.describe()}"
+            ok, seen = ctx.probe(url, health.request_timeout_seconds)
+            last = f"{url}: {seen}; {container.describe()}"
         now = ctx.clock.monotonic()
         if not ok and stable_since is not None:
             raise RolloutError(
@@ -458,18 +528,20 @@ def await_healthy(ctx: Context, instance: Instance, image_id: str) -> float:
         ctx.pause(max(0.0, tick + health.interval_seconds - ctx.clock.monotonic()))
 
 
-def await_lb_up(ctx: Context, instance: Instance) -> bool:
-    """Wait until the LB's own health check reports the server UP (it stays drained).
-    False at once when the LB cannot tell (it has no health check to ask)."""
+def await_lb_up(ctx: Context, instance: Instance, server_name: str = "") -> bool:
+    """Wait until the LB's own health check reports the instance's server (or
+    `server_name`) UP (it stays drained). False at once when the LB cannot tell (it has
+    no health check to ask)."""
+    name = server_name or instance.lb_server
     deadline, limit = ctx.wait_until(ctx.fleet.health.lb_timeout_seconds)
     while True:
-        server = ctx.lb.server(instance.lb_server)
+        server = ctx.lb.server(name)
         if server.up is None:
             return False
         if server.up:
             return True
         if ctx.clock.monotonic() >= deadline:
-            raise WaitTimeout(f"the LB to see {instance.lb_server} UP", limit, server.describe())
+            raise WaitTimeout(f"the LB to see {name} UP", limit, server.describe())
         ctx.pause(0.1)
 
 

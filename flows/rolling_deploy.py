@@ -25,7 +25,7 @@ from prefect.runtime import deployment as deployment_runtime
 from prefect.runtime import flow_run
 from pydantic import Field
 
-from compose_rollout import procedure
+from compose_rollout import procedure, surge
 from compose_rollout.config import Fleet, load_fleet
 from compose_rollout.errors import (
     ConfigError,
@@ -71,14 +71,18 @@ def _step(ledger: Ledger, instance: str, name: str, cancel: threading.Event, cal
 def update_instance(
     ctx: Context, instance: str, ledger: Ledger, image: str, image_id: str, cancel: threading.Event
 ) -> None:
-    """The seed procedure for one instance, each verb a task."""
+    """The seed procedure for one instance, each verb a task (or the surge strategy's)."""
     ledger.update(instance, new_image=image)
+    if ctx.fleet.rollout.strategy == "surge":
+        _surge_instance(ctx, instance, ledger, image, image_id, cancel)
+        return
     _step(ledger, instance, "drain", cancel, steps.drain, ctx, instance, ledger)
     _step(ledger, instance, "wait-for-sessions", cancel, steps.wait_for_sessions, ctx, instance, ledger)
     _step(ledger, instance, "set-image", cancel, steps.set_image, ctx, instance, ledger, image)
     _step(ledger, instance, "pull", cancel, steps.pull, ctx, instance, image)
     _step(ledger, instance, "up", cancel, steps.up, ctx, instance, ledger)
-    seconds = _step(ledger, instance, "await-healthy", cancel, steps.await_healthy, ctx, instance, image_id)
+    url = procedure.health_url(ctx.fleet.instance(instance), ledger[instance])
+    seconds = _step(ledger, instance, "await-healthy", cancel, steps.await_healthy, ctx, instance, image_id, url)
     ledger.update(instance, seconds_to_healthy=seconds, healthy_at=time.time())
     _step(ledger, instance, "await-lb-up", cancel, steps.await_lb_up, ctx, instance)
     ledger.update(instance, lb_up_at=time.time())
@@ -86,11 +90,69 @@ def update_instance(
     ledger.update(instance, outcome="updated", step="")
 
 
+def _surge_instance(
+    ctx: Context, instance: str, ledger: Ledger, image: str, image_id: str, cancel: threading.Event
+) -> None:
+    """The surge strategy for one instance (`surge.py`): the old container serves until
+    the new one is in rotation beside it."""
+    ledger.update(instance, strategy="surge")
+    _step(ledger, instance, "set-image", cancel, steps.set_image, ctx, instance, ledger, image)
+    _step(ledger, instance, "pull", cancel, steps.pull, ctx, instance, image)
+    second = _step(ledger, instance, "start-second", cancel, steps.start_second, ctx, instance, ledger)
+    url = procedure.health_url(ctx.fleet.instance(instance), ledger[instance], ledger[instance].surge_port)
+    seconds = _step(
+        ledger, instance, "await-healthy", cancel, steps.await_healthy, ctx, instance, image_id, url, second
+    )
+    ledger.update(instance, seconds_to_healthy=seconds, healthy_at=time.time())
+    _step(ledger, instance, "add-server", cancel, steps.add_server, ctx, instance, ledger)
+    added = ledger[instance].surge_server
+    _step(ledger, instance, "await-lb-up", cancel, steps.await_lb_up, ctx, instance, added)
+    ledger.update(instance, lb_up_at=time.time())
+    _step(ledger, instance, "surge-ready", cancel, steps.surge_ready, ctx, instance, ledger)
+    _step(ledger, instance, "drain", cancel, steps.drain, ctx, instance, ledger)
+    _step(ledger, instance, "wait-for-sessions", cancel, steps.wait_for_sessions, ctx, instance, ledger)
+    _step(ledger, instance, "remove-old", cancel, steps.remove_old, ctx, instance, ledger)
+    _step(ledger, instance, "move-server", cancel, steps.move_server, ctx, instance, ledger)
+    _step(ledger, instance, "enable", cancel, steps.enable, ctx, instance, ledger)
+    _step(ledger, instance, "remove-surge-server", cancel, steps.remove_surge_server, ctx, instance, ledger)
+    ledger.update(instance, outcome="updated", step="")
+
+
+def _undo_surge(ctx: Context, instance: str, ledger: Ledger) -> bool:
+    """Roll back what the surge strategy did on one instance. True when that is all
+    (the old container never stopped); False when the old container is gone, so the
+    instance now serves from the new one and the in-place rollback must follow."""
+    record = ledger[instance]
+    never = threading.Event()
+
+    def undo(step: str, call: Any) -> None:
+        _step(ledger, instance, f"rollback: {step}", never, call, ctx, instance, ledger)
+
+    if not record.old_removed:
+        if record.drained:  # the instance's own server still sends to the old container
+            undo("enable", steps.enable)
+        undo("remove-surge-server", steps.remove_surge_server)
+        undo("remove-second", steps.remove_second)
+        undo("restore-compose", steps.restore_compose)
+        ledger.update(instance, outcome="rolled back", step="")
+        return True
+    if not record.moved:
+        undo("move-server", steps.move_server)
+    if ledger[instance].drained:
+        undo("enable", steps.enable)
+    undo("remove-surge-server", steps.remove_surge_server)
+    # The new container is the instance's only one now: replaced in place, like a restarted one.
+    ledger.update(instance, restarted=True)
+    return False
+
+
 @task(name="rollback-instance", task_run_name="rollback-{instance}", cache_policy=NO_CACHE)
 def rollback_instance(ctx: Context, instance: str, ledger: Ledger) -> None:
     """Undo this run on one instance: old compose file, old container, back in rotation."""
     record = ledger.update(instance, rollback_attempted=True)
     never = threading.Event()
+    if record.surge_started and _undo_surge(ctx, instance, ledger):
+        return
     if not record.drained:
         _step(ledger, instance, "rollback: drain", never, steps.drain, ctx, instance, ledger)
         _step(ledger, instance, "rollback: wait-for-sessions", never, steps.wait_for_sessions, ctx, instance, ledger)
@@ -98,9 +160,9 @@ def rollback_instance(ctx: Context, instance: str, ledger: Ledger) -> None:
     _step(ledger, instance, "rollback: restore-compose", never, steps.restore_compose, ctx, instance, ledger)
     if record.restarted:
         _step(ledger, instance, "rollback: up", never, steps.up, ctx, instance, ledger)
-        _step(
-            ledger, instance, "rollback: await-healthy", never, steps.await_healthy, ctx, instance, record.old_image_id
-        )
+        url = procedure.health_url(ctx.fleet.instance(instance), record)
+        old_id = record.old_image_id
+        _step(ledger, instance, "rollback: await-healthy", never, steps.await_healthy, ctx, instance, old_id, url)
         _step(ledger, instance, "rollback: await-lb-up", never, steps.await_lb_up, ctx, instance)
     _step(ledger, instance, "rollback: enable", never, steps.enable, ctx, instance, ledger)
     ledger.update(instance, outcome="rolled back", step="")
@@ -136,7 +198,13 @@ def _preflight(ctx: Context, target: ImageRef) -> tuple[ImageRef, dict[str, proc
     logger.info("%s resolves to %s; deploying that digest everywhere", target, digest)
     procedure.preflight_lb(ctx)
     names = [instance.name for instance in ctx.fleet.instances]
-    checks = {name: steps.preflight.submit(ctx, name) for name in names}
+    beside = {name: 0 for name in names}
+    if ctx.fleet.rollout.strategy == "surge":
+        surge.adds_servers(ctx)  # refused once, naming what the LB lacks
+        batch = ctx.fleet.rollout.batch_count(len(names))
+        for instance in ctx.fleet.instances:  # second containers a batch may start on one host at once
+            beside[instance.name] = min(batch, sum(other.host == instance.host for other in ctx.fleet.instances))
+    checks = {name: steps.preflight.submit(ctx, name, beside[name]) for name in names}
     errors = _wait_all(checks, threading.Event())
     if errors:
         raise PreflightError("; ".join(f"{name}: {error}" for name, error in errors.items()))
@@ -353,6 +421,11 @@ def _deploy(
                 old_image_id=found.container.image_id,
                 original=found.compose,
                 mode=found.mode,
+                old_container=found.container.id,
+                container_port=found.ports.container_port if found.ports else "",
+                port_low=found.ports.low if found.ports else 0,
+                port_high=found.ports.high if found.ports else 0,
+                port=found.port,
             )
         )
     pending = [

@@ -15,7 +15,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from compose_rollout import procedure
+from compose_rollout import procedure, surge
 from compose_rollout.procedure import Context, Snapshot
 from compose_rollout.state.journal import Ledger
 
@@ -39,9 +39,13 @@ ONCE: dict[str, Any] = {"cache_policy": NO_CACHE}
 
 
 @task(name="preflight", task_run_name="preflight-{instance}", **SAFE_TO_REPEAT)
-def preflight(ctx: Context, instance: str) -> Snapshot:
+def preflight(ctx: Context, instance: str, surge_beside: int = 0) -> Snapshot:
+    """Check one instance; with `surge_beside` > 0, also that the host can run that many
+    second containers of the service (the surge strategy)."""
     found = procedure.preflight_instance(ctx, ctx.fleet.instance(instance))
     get_run_logger().info("%s runs %s (%s)", instance, found.image, found.container.describe())
+    if surge_beside:
+        surge.preflight(ctx, ctx.fleet.instance(instance), found, surge_beside)
     return found
 
 
@@ -99,16 +103,18 @@ def up(ctx: Context, instance: str, ledger: Ledger) -> None:
 
 
 @task(name="await-healthy", task_run_name="await-healthy-{instance}", **ONCE)
-def await_healthy(ctx: Context, instance: str, image_id: str) -> float:
-    seconds = procedure.await_healthy(ctx, ctx.fleet.instance(instance), image_id)
-    get_run_logger().info("%s healthy on %s after %.1f s", instance, image_id[:19], seconds)
+def await_healthy(ctx: Context, instance: str, image_id: str, url: str = "", container_id: str | None = None) -> float:
+    seconds = procedure.await_healthy(ctx, ctx.fleet.instance(instance), image_id, url, container_id)
+    where = f" at {url}" if url else ""
+    get_run_logger().info("%s healthy on %s%s after %.1f s", instance, image_id[:19], where, seconds)
     return seconds
 
 
 @task(name="await-lb-up", task_run_name="await-lb-up-{instance}", **ONCE)
-def await_lb_up(ctx: Context, instance: str) -> None:
-    if procedure.await_lb_up(ctx, ctx.fleet.instance(instance)):
-        get_run_logger().info("%s: the LB's own check sees it UP", instance)
+def await_lb_up(ctx: Context, instance: str, server: str = "") -> None:
+    name = server or ctx.fleet.instance(instance).lb_server
+    if procedure.await_lb_up(ctx, ctx.fleet.instance(instance), server):
+        get_run_logger().info("%s: the LB's own check sees %s UP", instance, name)
     else:
         get_run_logger().info("%s: the LB cannot tell whether it is UP; the health gate vouched for it", instance)
 
@@ -117,3 +123,53 @@ def await_lb_up(ctx: Context, instance: str) -> None:
 def enable(ctx: Context, instance: str, ledger: Ledger) -> None:
     procedure.enable(ctx, ctx.fleet.instance(instance), ledger)
     get_run_logger().info("%s back in rotation", instance)
+
+
+# --- the surge strategy (surge.py) -------------------------------------------------------
+
+
+@task(name="start-second", task_run_name="start-second-{instance}", **SAFE_TO_REPEAT)
+def start_second(ctx: Context, instance: str, ledger: Ledger) -> str:
+    container = surge.start_second(ctx, ctx.fleet.instance(instance), ledger)
+    port = surge.second_port(ctx, ctx.fleet.instance(instance), ledger)
+    get_run_logger().info("%s: second container %s started on port %d", instance, container[:12], port)
+    return container
+
+
+@task(name="add-server", task_run_name="add-server-{instance}", **ONCE)
+def add_server(ctx: Context, instance: str, ledger: Ledger) -> None:
+    surge.register(ctx, ctx.fleet.instance(instance), ledger)
+    get_run_logger().info("%s: %s added to the LB", instance, ledger[instance].surge_server)
+
+
+@task(name="surge-ready", task_run_name="surge-ready-{instance}", **SAFE_TO_REPEAT)
+def surge_ready(ctx: Context, instance: str, ledger: Ledger) -> None:
+    ctx.lb.set_state(ledger[instance].surge_server, "ready")
+    get_run_logger().info("%s: %s in rotation beside the old container", instance, ledger[instance].surge_server)
+
+
+@task(name="remove-old", task_run_name="remove-old-{instance}", **SAFE_TO_REPEAT)
+def remove_old(ctx: Context, instance: str, ledger: Ledger) -> None:
+    surge.retire_old(ctx, ctx.fleet.instance(instance), ledger)
+    get_run_logger().info("%s: old container %s removed", instance, ledger[instance].old_container[:12])
+
+
+@task(name="move-server", task_run_name="move-server-{instance}", **SAFE_TO_REPEAT)
+def move_server(ctx: Context, instance: str, ledger: Ledger) -> None:
+    surge.move(ctx, ctx.fleet.instance(instance), ledger)
+    server = ctx.fleet.instance(instance).lb_server
+    get_run_logger().info("%s: %s now sends to port %d", instance, server, ledger[instance].surge_port)
+
+
+@task(name="remove-surge-server", task_run_name="remove-surge-server-{instance}", **ONCE)
+def remove_surge_server(ctx: Context, instance: str, ledger: Ledger) -> None:
+    name = ledger[instance].surge_server
+    surge.unregister(ctx, ctx.fleet.instance(instance), ledger)
+    if name:
+        get_run_logger().info("%s: %s removed from the LB", instance, name)
+
+
+@task(name="remove-second", task_run_name="remove-second-{instance}", **SAFE_TO_REPEAT)
+def remove_second(ctx: Context, instance: str, ledger: Ledger) -> None:
+    surge.remove_strays(ctx, ctx.fleet.instance(instance), ledger)
+    get_run_logger().info("%s: only the old container runs", instance)

@@ -51,6 +51,23 @@ def compose_up(instance: Instance, version: ComposeVersion, service: str) -> lis
     return [*compose_base(instance, version), "up", "--detach", "--no-deps", service]
 
 
+def compose_scale_up(instance: Instance, version: ComposeVersion, service: str) -> list[str]:
+    """Start a second container of `service` from the compose file, leaving the running
+    one as it is (the surge strategy)."""
+    base = compose_base(instance, version)
+    return [*base, "up", "--detach", "--no-deps", "--no-recreate", "--scale", f"{service}=2", service]
+
+
+def stop_container(container_id: str, grace_seconds: int = 10) -> list[str]:
+    """Stop one container (SIGTERM, then SIGKILL after `grace_seconds`)."""
+    return ["docker", "container", "stop", "--time", str(grace_seconds), container_id]
+
+
+def remove_container(container_id: str) -> list[str]:
+    """Remove one stopped container."""
+    return ["docker", "container", "rm", container_id]
+
+
 def image_pull(image: str) -> list[str]:
     """Pull one image by reference (done before any instance leaves rotation)."""
     return ["docker", "pull", "--quiet", image]

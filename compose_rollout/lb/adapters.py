@@ -50,7 +50,15 @@ def connect(
         if settings.admin_address.startswith("ssh://"):
             hostname, _, port = settings.admin_address.removeprefix("ssh://").split("/", 1)[0].partition(":")
             host = ssh_to(hostname, int(port) if port else None, None)
-        return HaproxyClient(settings.admin_address, settings.backend, settings.timeout_seconds, host), host
+        check = settings.surge_check
+        client = HaproxyClient(
+            settings.admin_address,
+            settings.backend,
+            settings.timeout_seconds,
+            host,
+            surge_check=(check.inter_ms, check.rise, check.fall),
+        )
+        return client, host
     if isinstance(settings, NginxSettings):
         host = ssh_to(settings.ssh_host, settings.ssh_port, settings.ssh_user)
         return NginxLoadBalancer(settings, host), host

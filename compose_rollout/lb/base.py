@@ -22,7 +22,8 @@ ServerAction = Literal["ready", "drain"]
 # What some adapters can do beyond the contract every one keeps, declared in their
 # `capabilities` and checked in preflight by what needs it (`require`): a surge strategy
 # adds and removes servers, a metric gate reads per-server response counters.
-Capability = Literal["add_server", "remove_server", "response_counters"]
+Capability = Literal["add_server", "remove_server", "move_server", "response_counters"]
+SURGE_NEEDS: tuple[Capability, ...] = ("add_server", "remove_server", "move_server")
 
 
 class ServerView(Protocol):
@@ -106,6 +107,32 @@ class CountsResponses(Protocol):
 
     def response_counts(self, server: str) -> Mapping[str, int]:
         """Responses sent from `server` since the LB started, by class: `1xx` ... `5xx`, `other`."""
+        ...
+
+
+@runtime_checkable
+class AddsServers(Protocol):
+    """An LB that adds, moves and removes servers at run time (capabilities `add_server`,
+    `move_server`, `remove_server`): what the surge strategy needs. An added server sends
+    to the same address as the server it is added beside, at another port (the port
+    Docker gave the second container)."""
+
+    def server_address(self, server: str) -> tuple[str, int]:
+        """(address, port) the LB sends `server`'s requests to."""
+        ...
+
+    def add_server(self, name: str, beside: str, port: int) -> None:
+        """A new server `name` at `beside`'s address and `port`, health-checked, drained
+        (taking no new requests) until `set_state(name, "ready")`; `recheck` was done."""
+        ...
+
+    def move_server(self, server: str, port: int) -> None:
+        """Send `server`'s requests to `port` at the same address (it is drained)."""
+        ...
+
+    def remove_server(self, name: str) -> None:
+        """Remove an added server that takes no new requests and has none in flight;
+        nothing to do if it is not there."""
         ...
 
 

@@ -10,6 +10,7 @@ import csv
 import io
 import re
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -94,21 +95,40 @@ def parse_show_stat(text: str, backend: str) -> dict[str, dict[str, str]]:
     }
 
 
-def parse_servers_state(text: str, backend: str) -> dict[str, tuple[int, int]]:
-    """(op_state, admin_state) per server from `show servers state`."""
+def parse_servers_rows(text: str, backend: str) -> dict[str, dict[str, str]]:
+    """`show servers state` rows of `backend`'s servers (srv_op_state, srv_addr, srv_port, ...), by name."""
     lines = [line for line in text.splitlines() if line.strip()]
     header = next((line for line in lines if line.startswith("#")), None)
     if header is None:
         raise LoadBalancerError(f"unexpected `show servers state` output: {text[:200]!r}")
     columns = header.lstrip("# ").split()
-    states = {}
+    rows = {}
     for line in lines:
         if line.startswith("#") or line.strip().isdigit():
             continue
         fields = dict(zip(columns, line.split(), strict=False))
         if fields.get("be_name") == backend:
-            states[fields["srv_name"]] = (int(fields["srv_op_state"]), int(fields["srv_admin_state"]))
-    return states
+            rows[fields["srv_name"]] = fields
+    return rows
+
+
+def parse_servers_state(text: str, backend: str) -> dict[str, tuple[int, int]]:
+    """(op_state, admin_state) per server from `show servers state`."""
+    return {
+        name: (int(row["srv_op_state"]), int(row["srv_admin_state"]))
+        for name, row in parse_servers_rows(text, backend).items()
+    }
+
+
+def add_server(backend: str, server: str, address: str, port: int, check: tuple[int, int, int], weight: int) -> str:
+    """The command that adds a health-checked server (HAProxy 2.5+; in maintenance until enabled)."""
+    inter, rise, fall = check
+    return f"add server {backend}/{server} {address}:{port} check inter {inter} rise {rise} fall {fall} weight {weight}"
+
+
+def set_server_port(backend: str, server: str, address: str, port: int) -> str:
+    """The command that sends a server's requests (and checks) to another port."""
+    return f"set server {backend}/{server} addr {address} port {port}"
 
 
 class RemoteRunner(Protocol):
@@ -153,18 +173,26 @@ class HaproxyClient:
     """HAProxy's admin socket at `tcp://HOST:PORT`, `unix:///path`, or a unix socket on
     the LB host reached over SSH (`ssh://HOST[:PORT]/path`, given its `host` executor)."""
 
-    def __init__(self, address: str, backend: str, timeout: float, host: RemoteRunner | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        backend: str,
+        timeout: float,
+        host: RemoteRunner | None = None,
+        surge_check: tuple[int, int, int] = (2000, 2, 3),
+    ) -> None:
         self.address = address
         self.name = backend
         self.timeout = timeout
         self.host = host
+        self.surge_check = surge_check
         self._socket_path = ""
         if address.startswith("ssh://"):
             if host is None:
                 raise LoadBalancerError(f"{address}: an SSH address needs the LB host's connection")
             self._socket_path = ssh_socket_path(address)  # refused here, before any command runs
 
-    capabilities: frozenset[Capability] = frozenset({"response_counters"})
+    capabilities: frozenset[Capability] = frozenset({"response_counters", "add_server", "move_server", "remove_server"})
 
     @property
     def backend(self) -> str:
@@ -237,6 +265,58 @@ class HaproxyClient:
             return False
         self._act(force_health_down(self.name, server))
         return True
+
+    def _row(self, server: str) -> dict[str, str]:
+        row = parse_servers_rows(self.command(show_servers_state(self.name)), self.name).get(server)
+        if row is None:
+            raise LoadBalancerError(f"{self.backend} has no server {server!r}")
+        return row
+
+    def server_address(self, server: str) -> tuple[str, int]:
+        """(address, port) HAProxy sends `server`'s requests to."""
+        row = self._row(server)
+        return row["srv_addr"], int(row["srv_port"])
+
+    def add_server(self, name: str, beside: str, port: int) -> None:
+        """Add `name` at `beside`'s address and `port`: drained, its check enabled and
+        forced DOWN, so it is UP only after `rise` checks of what listens there."""
+        row = self._row(beside)
+        if row.get("srv_use_ssl") == "1":
+            raise LoadBalancerError(
+                f"{self.backend}: server {beside} uses TLS; the surge strategy adds plain servers only"
+            )
+        command = add_server(self.name, name, row["srv_addr"], port, self.surge_check, int(row["srv_uweight"]))
+        answer = self.command(command).strip()
+        if answer != "New server registered.":
+            raise LoadBalancerError(f"HAProxy refused `{command}`: {answer}")
+        self._act(set_server_state(self.name, name, "drain"))  # out of maintenance: checked, no new requests
+        self._act(f"enable health {self.name}/{name}")
+        self._act(force_health_down(self.name, name))
+
+    def move_server(self, server: str, port: int) -> None:
+        """Send `server`'s requests and checks to `port` at the same address."""
+        address, _ = self.server_address(server)
+        command = set_server_port(self.name, server, address, port)
+        answer = self.command(command).strip()
+        # On success HAProxy says what changed ("no need to change the addr, port changed from ...").
+        if "changed" not in answer:
+            raise LoadBalancerError(f"HAProxy refused `{command}`: {answer}")
+
+    def remove_server(self, name: str) -> None:
+        """Put `name` in maintenance and delete it; HAProxy refuses while it still has
+        connections (also idle ones it keeps for reuse), so it is asked again for up to
+        `timeout` seconds."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            if name not in parse_servers_rows(self.command(show_servers_state(self.name)), self.name):
+                return
+            self._act(set_server_state(self.name, name, "maint"))
+            answer = self.command(f"del server {self.name}/{name}").strip()
+            if answer in ("Server deleted.", "No such server."):
+                return
+            if time.monotonic() >= deadline:
+                raise LoadBalancerError(f"HAProxy did not delete server {self.name}/{name}: {answer}")
+            time.sleep(0.2)
 
     def servers(self) -> dict[str, ServerState]:
         """Every server of the backend as HAProxy sees it now."""

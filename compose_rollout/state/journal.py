@@ -57,6 +57,21 @@ class InstanceRecord:
     enabled_at: float | None = None
     seconds_to_healthy: float | None = None
     rollback_attempted: bool = False
+    # Ports (`ports.py`): the container port behind the LB server, its published host
+    # range, and the host port the serving container has now ("" / 0: not followed).
+    container_port: str = ""
+    port_low: int = 0
+    port_high: int = 0
+    port: int = 0
+    old_container: str = ""
+    # The surge strategy (`surge.py`), write-ahead like the flags above.
+    strategy: str = "in-place"
+    surge_started: bool = False
+    surge_container: str = ""
+    surge_port: int = 0
+    surge_server: str = ""
+    old_removed: bool = False
+    moved: bool = False
 
     @property
     def seconds_out_of_rotation(self) -> float | None:
@@ -67,7 +82,7 @@ class InstanceRecord:
     @property
     def changed(self) -> bool:
         """The run changed something on this instance that a rollback must undo."""
-        return self.file_written or self.restarted
+        return self.file_written or self.restarted or self.surge_started
 
 
 @dataclass

@@ -6,17 +6,19 @@ from __future__ import annotations
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from threading import Thread
+from typing import cast
 
 import pytest
 import requests
 
-from compose_rollout.errors import PreflightError
-from compose_rollout.lb.base import CountsResponses, require
+from compose_rollout.errors import LoadBalancerError, PreflightError
+from compose_rollout.lb.base import SURGE_NEEDS, AddsServers, Capability, CountsResponses, LoadBalancer, require
 from compose_rollout.lb.haproxy import HaproxyClient
+from compose_rollout.lb.nginx import NginxLoadBalancer
 from tests.integration.test_haproxy_recheck import HAPROXY
 
 
@@ -90,6 +92,78 @@ def test_preflight_names_the_capability_a_strategy_needs_and_the_lb_lacks(
     haproxy: tuple[HaproxyClient, str],
 ) -> None:
     client, _ = haproxy
-    require(client, ["response_counters"], "the metric gate")  # declared: no error
-    with pytest.raises(PreflightError, match="HAProxy backend app cannot add_server, which the surge strategy needs"):
-        require(client, ["add_server", "response_counters"], "the surge strategy")
+    require(client, ["response_counters", *SURGE_NEEDS], "the surge strategy")  # declared: no error
+    nginx = _Named(NginxLoadBalancer.capabilities)
+    with pytest.raises(PreflightError, match="cannot add_server, move_server, remove_server, which the surge"):
+        require(cast(LoadBalancer, nginx), SURGE_NEEDS, "the surge strategy")
+
+
+class _Named:
+    """An LB as preflight sees it: a name and capabilities."""
+
+    def __init__(self, capabilities: frozenset[Capability]) -> None:
+        self.capabilities = capabilities
+        self.backend = "upstream app in nginx"
+
+
+class _Other(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def _codes(url: str, count: int) -> list[int]:
+    with requests.Session() as session:
+        session.trust_env = False
+        return [session.get(url, timeout=5, headers={"Connection": "close"}).status_code for _ in range(count)]
+
+
+def _until(condition: Callable[[], bool], what: str, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_haproxy_adds_moves_and_removes_a_server_for_a_surge(haproxy: tuple[HaproxyClient, str]) -> None:
+    client, url = haproxy
+    client.surge_check = (100, 1, 1)
+    other = ThreadingHTTPServer(("127.0.0.1", 0), _Other)
+    Thread(target=other.serve_forever, daemon=True).start()
+    try:
+        address, port = client.server_address("s1")
+        assert address == "127.0.0.1" and isinstance(client, AddsServers)
+
+        client.add_server("s1-surge", "s1", other.server_address[1])
+        added = client.server("s1-surge")
+        assert added.drained and not added.in_rotation  # no request before it is proven and readied
+        assert set(_codes(url, 6)) == {200}
+        _until(lambda: client.server("s1-surge").up, "the added server's own check to pass")
+        client.set_state("s1-surge", "ready")
+        assert set(_codes(url, 6)) == {200, 204}  # both take requests: round robin
+
+        client.set_state("s1", "drain")
+        client.move_server("s1", other.server_address[1])
+        assert client.server_address("s1") == (address, other.server_address[1])
+        client.set_state("s1", "ready")
+        client.set_state("s1-surge", "drain")
+        client.remove_server("s1-surge")
+        assert set(client.servers()) == {"s1"}
+        client.remove_server("s1-surge")  # gone already: nothing to do
+        assert set(_codes(url, 4)) == {204}  # the server now sends to the new port
+        client.move_server("s1", port)
+        assert set(_codes(url, 4)) == {200}
+    finally:
+        other.shutdown()
+        other.server_close()
+
+
+def test_haproxy_refuses_a_second_server_of_the_same_name(haproxy: tuple[HaproxyClient, str]) -> None:
+    client, _ = haproxy
+    with pytest.raises(LoadBalancerError, match="HAProxy refused `add server app/s1 "):
+        client.add_server("s1", "s1", 8081)
+    with pytest.raises(LoadBalancerError, match="has no server 'nope'"):
+        client.add_server("s2", "nope", 8081)
