@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from compose_rollout import procedure
+from compose_rollout import procedure, surge
 from compose_rollout.config import Fleet, Instance, load_fleet
 from compose_rollout.errors import RolloutError
 from compose_rollout.hosts.compose_file import set_image, unified_diff
@@ -158,6 +158,8 @@ def _plan(args: argparse.Namespace) -> int:
 
     def one(instance: Instance) -> dict[str, object]:
         found = procedure.snapshot(ctx, instance)
+        if fleet.rollout.strategy == "surge":  # refused here as a deploy would refuse it
+            surge.preflight(ctx, instance, procedure.preflight_instance(ctx, instance))
         after = set_image(found.compose, fleet.service, str(pinned), f"{instance.name}:{instance.compose_path}")
         change = "none (already there)" if found.image == str(pinned) else "update"
         diffs[instance.name] = unified_diff(found.compose, after, instance.compose_path)
@@ -172,7 +174,7 @@ def _plan(args: argparse.Namespace) -> int:
     size = fleet.rollout.batch_count(len(fleet.instances))
     print(f"Plan for fleet {fleet.name}: {target} = {pinned.digest}")
     canary = " after a canary" if fleet.rollout.canary else ""
-    print(f"Batches of {size}{canary}; LB {backend}:")
+    print(f"Batches of {size}{canary}, strategy {fleet.rollout.strategy}; LB {backend}:")
     for row in rows:
         row["lb"] = servers[fleet.instance(str(row["instance"])).lb_server].describe()
     print(table(rows))

@@ -211,6 +211,8 @@ def unregister(ctx: Context, instance: Instance, ledger: Ledger) -> None:
 def remove_strays(ctx: Context, instance: Instance, ledger: Ledger) -> None:
     """Remove every container of the service but the old one (a second one this run started)."""
     record = ledger[instance.name]
+    if not record.old_container:
+        raise RemoteError(f"{instance.name}: the journal does not say which container is the old one; nothing removed")
     ids = ctx.run(instance, commands.service_containers(instance, ctx.fleet.service)).split()
     for found in ids:
         if found != record.old_container:

@@ -594,3 +594,25 @@ def test_credentials_host_can_be_set_from_the_environment(write, monkeypatch: py
     fleet = load_fleet(write(minimal()))
     assert fleet.registry.credentials_host == "registry.terrateam.io"
     assert fleet.allowed_repositories == ["registry.terrateam.io/ee/terrat-ee"]
+
+
+def test_a_batch_of_the_whole_fleet_is_refused_in_place_and_allowed_with_surge(write):
+    data = minimal(3)
+    data["rollout"] = {"batch_size": "100%"}
+    message = config_error(write(data))
+    assert "would take all 3 instances out of rotation at once" in message and "strategy: surge" in message
+    data["rollout"]["strategy"] = "surge"
+    fleet = load_fleet(write(data))
+    assert fleet.rollout.batch_count(3) == 3
+
+
+def test_a_fleet_of_one_needs_no_downtime_with_surge(write):
+    data = minimal(1)
+    data["rollout"] = {"strategy": "surge"}
+    assert len(load_fleet(write(data)).instances) == 1
+
+
+def test_an_unknown_strategy_is_refused_naming_both(write):
+    data = minimal()
+    data["rollout"] = {"strategy": "blue-green"}
+    assert "rollout.strategy: Input should be 'in-place' or 'surge'" in config_error(write(data))

@@ -122,7 +122,7 @@ def test_a_service_that_cannot_run_twice_is_refused_naming_the_problem(change: d
 
 
 def test_an_lb_that_cannot_add_servers_is_refused_naming_what_it_lacks() -> None:
-    with pytest.raises(PreflightError, match="cannot add_server, move_server, remove_server, which rollout.strategy"):
+    with pytest.raises(PreflightError, match=r"cannot add_server, move_server, remove_server, which rollout\.strategy"):
         surge_preflight(lb=type("Plain", (FakeLB,), {"capabilities": frozenset()})(["app-1", "app-2"]))
 
 
