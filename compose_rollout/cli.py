@@ -173,6 +173,10 @@ def _plan(args: argparse.Namespace) -> int:
         ctx.close()
     size = fleet.rollout.batch_count(len(fleet.instances))
     print(f"Plan for fleet {fleet.name}: {target} = {pinned.digest}")
+    images = {str(row["instance"]): str(row["now"]) for row in rows}
+    switch = procedure.repository_change(fleet, images, pinned, tag_only=args.image is None)
+    if switch:
+        print(f"Note: {switch}")
     canary = " after a canary" if fleet.rollout.canary else ""
     print(f"Batches of {size}{canary}, strategy {fleet.rollout.strategy}; LB {backend}:")
     for row in rows:

@@ -398,9 +398,11 @@ def _deploy(
     cancel: threading.Event,
     order: list[str],
     urgent: bool,
-) -> None:
+    tag_only: bool = False,
+) -> str:
     """Preflight, pre-pull, then the batches; raises on the first failed instance, or
-    WindowClosed when the maintenance window closes between two batches."""
+    WindowClosed when the maintenance window closes between two batches. Returns what
+    the run changed of the repository the fleet runs ("" if nothing)."""
     fleet = ctx.fleet
     logger = get_run_logger()
     newer = history.newer_request(fleet, ledger.asked_at, journals)
@@ -411,6 +413,11 @@ def _deploy(
             "an older request never undoes a newer one. Nothing was touched; start a new run to deploy it now."
         )
     pinned, snapshots, image_id = _preflight(ctx, target)
+    switch = procedure.repository_change(
+        fleet, {name: found.image for name, found in snapshots.items()}, pinned, tag_only
+    )
+    if switch:
+        logger.warning("fleet %s: %s", fleet.name, switch)
     ledger.target = str(pinned)
     for name, found in snapshots.items():
         ledger.add(
@@ -454,6 +461,7 @@ def _deploy(
             for name, other in errors.items():
                 ledger.update(name, outcome="failed", error=str(other))
             raise error if isinstance(error, StepFailed) else StepFailed(failed, ledger[failed].step, error)
+    return switch
 
 
 # The tag grammar (images.TAG_RE) as a JSON-schema pattern: the UI's run form and the
@@ -579,7 +587,7 @@ def rolling_deploy(
     order: list[str] = []
     completed = False  # only the end of the success path may record "succeeded"
     try:
-        _deploy(ctx, journals, ledger, target, cancel, order, urgent)
+        switch = _deploy(ctx, journals, ledger, target, cancel, order, urgent, tag_only=image is None)
         completed = True
     except Superseded as superseded:
         summary = f"Not deploying {target} to fleet {fleet.name}: {superseded}"
@@ -621,6 +629,7 @@ def rolling_deploy(
     summary = (
         f"Fleet {fleet.name} runs {ledger.target} on all {len(fleet.instances)} instances "
         f"({len(moved)} updated, {len(fleet.instances) - len(moved)} already on it)."
+        + (f" Note: {switch}; update image_repository in the fleet file to match." if switch else "")
     )
     logger.info(summary)
     _publish(fleet, ledger, summary)

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from compose_rollout import procedure
-from compose_rollout.errors import Interrupted, RolloutError, WaitTimeout
+from compose_rollout.errors import Interrupted, PreflightError, RolloutError, WaitTimeout
 from compose_rollout.flows.rolling_deploy import batches
 from compose_rollout.lb.haproxy import OP_STOPPED
 from compose_rollout.procedure import Context
@@ -244,3 +244,30 @@ def test_batches_never_exceed_the_batch_size_and_keep_order(
     names: list[str], size: int, canary: bool, expected: list[list[str]]
 ) -> None:
     assert batches(names, size, canary) == expected
+
+
+def test_a_tag_only_run_on_a_fleet_switched_to_another_edition_is_refused_naming_both() -> None:
+    the_fleet = fleet()
+    running = {
+        "app-1": "registry.example/demo/app-ee:1.4.2@sha256:" + "c" * 64,
+        "app-2": "registry.example/demo/app-ee:1.4.2",
+        "app-3": "registry.example/demo/app:1.4.1",
+    }
+    tag_run = procedure.target_image(the_fleet, "1.4.3", None)
+    with pytest.raises(
+        PreflightError,
+        match=r"runs registry\.example/demo/app-ee on app-1, app-2, not its image_repository registry\.example/demo/app"
+        r": a run given only a tag would switch it to registry\.example/demo/app\. Set image_repository",
+    ):
+        procedure.repository_change(the_fleet, running, tag_run, tag_only=True)
+
+
+def test_a_run_switching_repository_on_purpose_says_so() -> None:
+    the_fleet = fleet(allowed_repositories=["registry.example/demo/app-ee"])
+    running = {"app-1": "registry.example/demo/app:1.4.2", "app-2": "registry.example/demo/app:1.4.2"}
+    switch = procedure.target_image(the_fleet, None, "registry.example/demo/app-ee:1.4.2")
+    assert procedure.repository_change(the_fleet, running, switch, tag_only=False) == (
+        "it switches repository: registry.example/demo/app on app-1, app-2 -> registry.example/demo/app-ee"
+    )
+    same = procedure.target_image(the_fleet, "1.4.3", None)
+    assert procedure.repository_change(the_fleet, running, same, tag_only=True) == ""
