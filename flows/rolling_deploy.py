@@ -40,6 +40,7 @@ from compose_rollout.errors import (
 )
 from compose_rollout.images import ImageRef
 from compose_rollout.procedure import Context
+from compose_rollout.progress import Progress
 from compose_rollout.registry import RegistryClient
 from compose_rollout.state import history, lock
 from compose_rollout.state.fleet_journals import FleetJournals, local_runs_directory
@@ -438,6 +439,7 @@ def _deploy(
     pending = [
         name for name, found in snapshots.items() if found.image != str(pinned) or found.container.image_id != image_id
     ]
+    ledger.observer = Progress(fleet.name, len(pending))
     for name in snapshots:
         if name not in pending:
             ledger.update(name, outcome="unchanged")

@@ -106,6 +106,8 @@ class Ledger:
     revision: int = 0
     # Called with each written snapshot, after the local journal (the copy on the fleet).
     mirror: Callable[[str, bytes], None] | None = field(default=None, repr=False, compare=False)
+    # Called with the ledger after every write (`progress.Progress`); must not raise.
+    observer: Callable[[Ledger], None] | None = field(default=None, repr=False, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, record: InstanceRecord) -> None:
@@ -166,6 +168,8 @@ class Ledger:
         # updates race, and a snapshot renamed after a newer one would lose a
         # write-ahead record (a lost `restarted` makes recovery skip `up`).
         if self.journal is None:
+            if self.observer is not None:
+                self.observer(self)
             return
         self.revision += 1
         payload = json.dumps(self.to_json(), indent=1)
@@ -183,6 +187,8 @@ class Ledger:
             raise
         if self.mirror is not None:
             self.mirror(self.run_id, payload.encode())
+        if self.observer is not None:
+            self.observer(self)
 
     @classmethod
     def load(cls, journal: Path) -> Ledger:

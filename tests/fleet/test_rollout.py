@@ -109,9 +109,17 @@ def test_fleet_moves_to_the_new_tag_without_a_failed_request(fresh_fleet: Testbe
             sort=ArtifactSort.CREATED_DESC,
             limit=1,
         )
+        progress = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["rollout-demo-progress"])),
+            sort=ArtifactSort.CREATED_DESC,
+            limit=1,
+        )
     artifact = artifacts[0]
     assert "runs" in (artifact.description or "")
     assert [row["result"] for row in json.loads(str(artifact.data))] == ["updated"] * 3
+    # And its progress, moved as instances finished.
+    assert progress[0].type == "progress" and float(str(progress[0].data)) == 100.0
+    assert (progress[0].description or "").startswith("3 of 3 instances done (app-1, app-2, app-3)")
 
 
 @pytest.mark.timeout(300)
