@@ -140,6 +140,15 @@ class RolloutPolicy(Strict):
     lock_wait_seconds: Annotated[
         float, Field(gt=0, le=86400, description="With on_locked: wait, how long to wait for the lock.")
     ] = 3600.0
+    max_failed_instances: Annotated[
+        int,
+        Field(
+            ge=0,
+            le=1000,
+            description="0: the first failed instance rolls the whole run back. Above 0: a failed instance is rolled "
+            "back alone and the run goes on, until more than this many failed; the run then ends partial.",
+        ),
+    ] = 0
     strategy: Annotated[
         Literal["in-place", "surge"],
         Field(

@@ -187,8 +187,12 @@ def _wait_all(futures: dict[str, PrefectFuture[Any]], cancel: threading.Event) -
     return errors
 
 
-def _preflight(ctx: Context, target: ImageRef) -> tuple[ImageRef, dict[str, procedure.Snapshot], str]:
-    """Check everything, pre-pull everywhere; touch nothing. Returns pinned image, snapshots, image ID."""
+def _preflight(
+    ctx: Context, target: ImageRef
+) -> tuple[ImageRef, dict[str, procedure.Snapshot], str, dict[str, BaseException]]:
+    """Check everything, pre-pull everywhere; touch nothing. Returns pinned image,
+    snapshots, image ID, and the instances whose pull failed when the failure budget
+    (rollout.max_failed_instances) allows going on without them."""
     logger = get_run_logger()
     try:
         with RegistryClient(ctx.fleet.registry) as registry:
@@ -213,13 +217,13 @@ def _preflight(ctx: Context, target: ImageRef) -> tuple[ImageRef, dict[str, proc
     by_digest = f"{pinned.repository}@{digest}"
     pulls = {name: steps.pre_pull.submit(ctx, name, by_digest) for name in names}
     errors = _wait_all(pulls, threading.Event())
-    if errors:
+    if errors and (len(errors) > ctx.fleet.rollout.max_failed_instances or len(errors) == len(names)):
         detail = "; ".join(f"{name}: {error}" for name, error in errors.items())
         raise PreflightError(f"pre-pull of {by_digest} failed, nothing was drained: {detail}")
-    image_ids = {future.result() for future in pulls.values()}
+    image_ids = {future.result() for name, future in pulls.items() if name not in errors}
     if len(image_ids) != 1:
         raise PreflightError(f"{by_digest} has different image IDs on different hosts: {sorted(image_ids)}")
-    return pinned, snapshots, image_ids.pop()
+    return pinned, snapshots, image_ids.pop(), errors
 
 
 def _unreachable(error: BaseException) -> bool:
@@ -413,7 +417,7 @@ def _deploy(
             f"at {_utc(newer.asked_at)}, has already run ({newer.status or 'interrupted'}); "
             "an older request never undoes a newer one. Nothing was touched; start a new run to deploy it now."
         )
-    pinned, snapshots, image_id = _preflight(ctx, target)
+    pinned, snapshots, image_id, unpulled = _preflight(ctx, target)
     switch = procedure.repository_change(
         fleet, {name: found.image for name, found in snapshots.items()}, pinned, tag_only
     )
@@ -436,8 +440,13 @@ def _deploy(
                 port=found.port,
             )
         )
+    for name, error in unpulled.items():  # within the failure budget: left as they are
+        logger.warning("%s could not pull %s (%s); going on without it (max_failed_instances)", name, pinned, error)
+        ledger.update(name, outcome="failed", error=f"pre-pull: {error}")
     pending = [
-        name for name, found in snapshots.items() if found.image != str(pinned) or found.container.image_id != image_id
+        name
+        for name, found in snapshots.items()
+        if name not in unpulled and (found.image != str(pinned) or found.container.image_id != image_id)
     ]
     ledger.observer = Progress(fleet.name, len(pending))
     for name in snapshots:
@@ -462,8 +471,40 @@ def _deploy(
             failed, error = next(iter(errors.items()))
             for name, other in errors.items():
                 ledger.update(name, outcome="failed", error=str(other))
-            raise error if isinstance(error, StepFailed) else StepFailed(failed, ledger[failed].step, error)
+            failures = [r.name for r in ledger.records.values() if r.outcome in ("failed", "rolled back")]
+            if cancel.is_set() or len(failures) > fleet.rollout.max_failed_instances:
+                raise error if isinstance(error, StepFailed) else StepFailed(failed, ledger[failed].step, error)
+            _roll_back_alone(ctx, ledger, list(errors))
     return switch
+
+
+def _roll_back_alone(ctx: Context, ledger: Ledger, names: list[str]) -> None:
+    """Within the failure budget: roll back only these failed instances and go on. A
+    rollback that fails stops the run (the whole rollback follows, then a person)."""
+    logger = get_run_logger()
+    for name in names:
+        error = ledger[name].error
+        if not (ledger[name].changed or ledger[name].drained):
+            continue  # failed before it changed anything: nothing to undo
+        logger.warning("%s failed (%s); rolling it back alone (rollout.max_failed_instances)", name, error)
+        rolled, note = _rollback(ctx, ledger, [name])
+        ledger.update(name, error=error)  # the cause, not the rollback's
+        if note or name not in rolled:
+            raise StepFailed(name, "rollback", RolloutError(note or f"{name} could not be rolled back"))
+
+
+def _partial(fleet: Fleet, ledger: Ledger) -> str:
+    """The summary of a run that ended within its failure budget ("" when none failed)."""
+    failed = [r for r in ledger.records.values() if r.outcome in ("failed", "rolled back")]
+    if not failed:
+        return ""
+    moved = [r.name for r in ledger.records.values() if r.outcome in ("updated", "unchanged")]
+    listed = "; ".join(f"{r.name} ({r.outcome}: {r.error})" for r in failed)
+    return (
+        f"Rollout of fleet {fleet.name} to {ledger.target} ended partial: {len(moved)} of {len(fleet.instances)} "
+        f"instances run it ({', '.join(moved) or 'none'}); {len(failed)} failed within rollout.max_failed_instances "
+        f"{fleet.rollout.max_failed_instances} and run their previous image, in rotation: {listed}."
+    )
 
 
 # The tag grammar (images.TAG_RE) as a JSON-schema pattern: the UI's run form and the
@@ -591,6 +632,11 @@ def rolling_deploy(
     try:
         switch = _deploy(ctx, journals, ledger, target, cancel, order, urgent, tag_only=image is None)
         completed = True
+        partial = _partial(fleet, ledger)
+        if partial:
+            logger.error(partial)
+            _publish(fleet, ledger, partial)
+            ledger.finish("partial")
     except Superseded as superseded:
         summary = f"Not deploying {target} to fleet {fleet.name}: {superseded}"
         logger.warning(summary)
@@ -627,6 +673,8 @@ def rolling_deploy(
             _end(ctx, journals, ledger, lease.holder, completed)
         finally:
             ctx.close()
+    if partial:
+        raise DeployFailed(partial)
     moved = [r.name for r in ledger.records.values() if r.outcome == "updated"]
     summary = (
         f"Fleet {fleet.name} runs {ledger.target} on all {len(fleet.instances)} instances "

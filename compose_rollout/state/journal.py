@@ -24,8 +24,17 @@ Outcome = Literal["pending", "unchanged", "updated", "failed", "rolled back", "r
 # A run without a status was interrupted (killed) and must be recovered.
 # "superseded": a newer request had already run, so this older one touched nothing.
 # "resolved": it needed attention, and a person said they checked the fleet (recover --i-checked).
+# "partial": within rollout.max_failed_instances, some instances failed and were rolled back alone.
 RunStatus = Literal[
-    "succeeded", "rolled back", "needs attention", "recovered", "resolved", "refused", "stopped", "superseded"
+    "succeeded",
+    "partial",
+    "rolled back",
+    "needs attention",
+    "recovered",
+    "resolved",
+    "refused",
+    "stopped",
+    "superseded",
 ]
 
 
