@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from compose_rollout.config import Instance
+from compose_rollout.hosts.shell import LocalShell, RemoteShell, Shell
 from compose_rollout.hosts.ssh import Executor, Stream, TunnelHost
 from compose_rollout.lb.admin_http import HttpAdmin, tcp_stream
 from compose_rollout.lb.aws import AwsTargetGroup
 from compose_rollout.lb.base import LoadBalancer
 from compose_rollout.lb.caddy import CaddyLoadBalancer
-from compose_rollout.lb.command import CommandLoadBalancer, LocalShell, RemoteShell, Shell, Target, url_port
+from compose_rollout.lb.command import CommandLoadBalancer, Target, url_port
 from compose_rollout.lb.haproxy import HaproxyClient
 from compose_rollout.lb.nginx import NginxLoadBalancer
 from compose_rollout.lb.settings import (

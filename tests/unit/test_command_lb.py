@@ -19,19 +19,10 @@ import yaml
 
 from compose_rollout.config import load_fleet
 from compose_rollout.errors import CommandTimeout, ConfigError, LoadBalancerError
+from compose_rollout.hosts.shell import LocalShell, RemoteShell, Shell, remote_argv
 from compose_rollout.hosts.ssh import Executor, Result
 from compose_rollout.lb import adapters
-from compose_rollout.lb.command import (
-    CommandLoadBalancer,
-    LocalShell,
-    RemoteShell,
-    Shell,
-    Target,
-    parse_in_flight,
-    parse_state,
-    remote_argv,
-    url_port,
-)
+from compose_rollout.lb.command import CommandLoadBalancer, Target, parse_in_flight, parse_state, url_port
 from compose_rollout.lb.settings import CommandSettings
 from tests.unit.fakes import FakeHost, fleet
 from tests.unit.test_config import minimal
