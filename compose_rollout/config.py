@@ -188,6 +188,56 @@ class RolloutPolicy(Strict):
         return max(1, math.floor(fleet_size * int(self.batch_size[:-1]) / 100))
 
 
+class Hook(Strict):
+    """A command the run calls at one point, its facts only as ROLLOUT_* environment variables."""
+
+    command: Annotated[
+        str, Field(min_length=1, max_length=20_000, description="Shell text, run by `sh`; exit 0 = go on.")
+    ]
+    timeout_seconds: Annotated[
+        float, Field(gt=0, le=86400, description="Stopped (with its process group) after this long: a failure.")
+    ] = 300.0
+    run_on: Annotated[
+        Literal["orchestrator", "host"],
+        Field(
+            description="`orchestrator`: where the run is (prefect-shell); `host`: the instance's host over SSH "
+            "(per-instance hooks only)."
+        ),
+    ] = "orchestrator"
+
+    @field_validator("command")
+    @classmethod
+    def _command(cls, value: str) -> str:
+        if "\0" in value:
+            raise ValueError("a hook's command cannot hold a NUL byte")
+        return value
+
+
+class Hooks(Strict):
+    """Commands the run calls (README, "Hooks"): non-zero stops what they guard."""
+
+    before_deploy: Annotated[
+        Hook | None, Field(description="Once, before the first drain (a backup): failing, nothing is touched.")
+    ] = None
+    before_instance: Annotated[
+        Hook | None, Field(description="Per instance, before it is touched: failing, that instance fails.")
+    ] = None
+    after_instance: Annotated[
+        Hook | None,
+        Field(description="Per instance, healthy and before it takes traffic (a smoke test): failing, it fails."),
+    ] = None
+    after_deploy: Annotated[Hook | None, Field(description="Once, after every instance moved.")] = None
+    on_failure: Annotated[Hook | None, Field(description="Once, after a failed run's rollback.")] = None
+
+    @model_validator(mode="after")
+    def _once_on_the_orchestrator(self) -> Hooks:
+        for name in ("before_deploy", "after_deploy", "on_failure"):
+            hook = getattr(self, name)
+            if hook is not None and hook.run_on == "host":
+                raise ValueError(f"{name} runs once for the fleet: run_on must be orchestrator, not host")
+        return self
+
+
 class Instance(Strict):
     """One Compose host behind the load balancer."""
 
@@ -341,6 +391,7 @@ class Fleet(YamlSettings):
     load_balancer: LoadBalancerSettings
     health: HealthSettings = HealthSettings()
     rollout: RolloutPolicy = RolloutPolicy()
+    hooks: Hooks = Hooks()
     registry: RegistrySettings = RegistrySettings()
     tag_policy: Annotated[
         TagPolicy | None,

@@ -89,6 +89,10 @@ class RegistryError(RolloutError):
     """The registry could not resolve an image reference."""
 
 
+class HookFailed(RolloutError):
+    """A hook (`hooks:` in the fleet file) exited non-zero or outlasted its timeout."""
+
+
 class WaitTimeout(RolloutError):
     """A bounded wait ended before the awaited state was observed."""
 

@@ -25,7 +25,7 @@ from prefect.runtime import deployment as deployment_runtime
 from prefect.runtime import flow_run
 from pydantic import Field
 
-from compose_rollout import procedure, surge
+from compose_rollout import hooks, procedure, surge
 from compose_rollout.config import Fleet, load_fleet
 from compose_rollout.errors import (
     ConfigError,
@@ -74,6 +74,10 @@ def update_instance(
 ) -> None:
     """The seed procedure for one instance, each verb a task (or the surge strategy's)."""
     ledger.update(instance, new_image=image)
+    if ctx.fleet.hooks.before_instance is not None:
+        _step(
+            ledger, instance, "before_instance", cancel, steps.instance_hook, ctx, instance, ledger, "before_instance"
+        )
     if ctx.fleet.rollout.strategy == "surge":
         _surge_instance(ctx, instance, ledger, image, image_id, cancel)
         return
@@ -87,6 +91,8 @@ def update_instance(
     ledger.update(instance, seconds_to_healthy=seconds, healthy_at=time.time())
     _step(ledger, instance, "await-lb-up", cancel, steps.await_lb_up, ctx, instance)
     ledger.update(instance, lb_up_at=time.time())
+    if ctx.fleet.hooks.after_instance is not None:  # a smoke test before it takes traffic
+        _step(ledger, instance, "after_instance", cancel, steps.instance_hook, ctx, instance, ledger, "after_instance")
     _step(ledger, instance, "enable", cancel, steps.enable, ctx, instance, ledger)
     ledger.update(instance, outcome="updated", step="")
 
@@ -105,6 +111,19 @@ def _surge_instance(
         ledger, instance, "await-healthy", cancel, steps.await_healthy, ctx, instance, image_id, url, second
     )
     ledger.update(instance, seconds_to_healthy=seconds, healthy_at=time.time())
+    if ctx.fleet.hooks.after_instance is not None:  # a smoke test before it joins the LB
+        _step(
+            ledger,
+            instance,
+            "after_instance",
+            cancel,
+            steps.instance_hook,
+            ctx,
+            instance,
+            ledger,
+            "after_instance",
+            url,
+        )
     _step(ledger, instance, "add-server", cancel, steps.add_server, ctx, instance, ledger)
     added = ledger[instance].surge_server
     _step(ledger, instance, "await-lb-up", cancel, steps.await_lb_up, ctx, instance, added)
@@ -440,9 +459,9 @@ def _deploy(
                 port=found.port,
             )
         )
-    for name, error in unpulled.items():  # within the failure budget: left as they are
-        logger.warning("%s could not pull %s (%s); going on without it (max_failed_instances)", name, pinned, error)
-        ledger.update(name, outcome="failed", error=f"pre-pull: {error}")
+    for name, why in unpulled.items():  # within the failure budget: left as they are
+        logger.warning("%s could not pull %s (%s); going on without it (max_failed_instances)", name, pinned, why)
+        ledger.update(name, outcome="failed", error=f"pre-pull: {why}")
     pending = [
         name
         for name, found in snapshots.items()
@@ -452,6 +471,11 @@ def _deploy(
     for name in snapshots:
         if name not in pending:
             ledger.update(name, outcome="unchanged")
+    if fleet.hooks.before_deploy is not None and pending:
+        try:
+            hooks.run("before_deploy", fleet.hooks.before_deploy, hooks.deploy_env("before_deploy", ledger))
+        except RolloutError as refused:
+            raise PreflightError(f"{refused}\nNothing was touched.") from None
     plan = batches(pending, fleet.rollout.batch_count(len(fleet.instances)), fleet.rollout.canary)
     for number, batch in enumerate(plan, start=1):
         if number > 1 and fleet.rollout.pause_between_batches_seconds:
@@ -662,6 +686,7 @@ def rolling_deploy(
         summary = _summary(fleet, ledger, failure, rolled, note, touched)
         logger.error(summary)
         _publish(fleet, ledger, summary)
+        _on_failure(fleet, ledger, summary)
         if note and calm.out_of_time():
             raise  # the cancel left no time to finish: unrecorded, locked, for `rollout recover` (see _end)
         ledger.finish("needs attention" if note else "rolled back" if touched else "refused")
@@ -674,6 +699,7 @@ def rolling_deploy(
         finally:
             ctx.close()
     if partial:
+        _on_failure(fleet, ledger, partial)
         raise DeployFailed(partial)
     moved = [r.name for r in ledger.records.values() if r.outcome == "updated"]
     summary = (
@@ -683,7 +709,29 @@ def rolling_deploy(
     )
     logger.info(summary)
     _publish(fleet, ledger, summary)
+    _after_deploy(fleet, ledger, summary)
     return _report(ledger)
+
+
+def _on_failure(fleet: Fleet, ledger: Ledger, summary: str) -> None:
+    """The on_failure hook, after the rollback; its own failure is logged, nothing more."""
+    if fleet.hooks.on_failure is None:
+        return
+    try:
+        env = {**hooks.deploy_env("on_failure", ledger), "ROLLOUT_SUMMARY": summary}
+        hooks.run("on_failure", fleet.hooks.on_failure, env)
+    except RolloutError as error:
+        get_run_logger().error("%s", error)
+
+
+def _after_deploy(fleet: Fleet, ledger: Ledger, summary: str) -> None:
+    """The after_deploy hook: the fleet has moved whatever it says; DeployFailed if it fails."""
+    if fleet.hooks.after_deploy is None:
+        return
+    try:
+        hooks.run("after_deploy", fleet.hooks.after_deploy, hooks.deploy_env("after_deploy", ledger))
+    except RolloutError as error:
+        raise DeployFailed(f"{summary} But {error}") from None
 
 
 def _end(ctx: Context, journals: FleetJournals, ledger: Ledger, holder: lock.Holder, completed: bool) -> None:

@@ -15,7 +15,8 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from compose_rollout import procedure, surge
+from compose_rollout import hooks, procedure, surge
+from compose_rollout.hosts.shell import RemoteShell
 from compose_rollout.procedure import Context, Snapshot
 from compose_rollout.state.journal import Ledger
 
@@ -173,3 +174,17 @@ def remove_surge_server(ctx: Context, instance: str, ledger: Ledger) -> None:
 def remove_second(ctx: Context, instance: str, ledger: Ledger) -> None:
     surge.remove_strays(ctx, ctx.fleet.instance(instance), ledger)
     get_run_logger().info("%s: only the old container runs", instance)
+
+
+# --- hooks (hooks.py) ------------------------------------------------------------------------
+
+
+@task(name="hook", task_run_name="{name}-{instance}", **ONCE)
+def instance_hook(ctx: Context, instance: str, ledger: Ledger, name: str, url: str = "") -> None:
+    """Run the per-instance hook `name` (before_instance, after_instance) for one instance."""
+    hook = getattr(ctx.fleet.hooks, name)
+    found = ctx.fleet.instance(instance)
+    env = hooks.instance_env(name, ledger, found, url or procedure.health_url(found, ledger[instance]))
+    shell = RemoteShell(ctx.hosts[instance]) if hook.run_on == "host" else None
+    hooks.run(name, hook, env, shell)
+    get_run_logger().info("%s: hook %s passed", instance, name)

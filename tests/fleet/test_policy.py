@@ -1,4 +1,4 @@
-"""Deploy policy on the real fleet: the failure budget (rollout.max_failed_instances)."""
+"""Deploy policy on the real fleet: the failure budget (rollout.max_failed_instances) and hooks."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from compose_rollout.flows.rolling_deploy import rolling_deploy
 from compose_rollout.testbed import Testbed
 from tests.fleet.test_rollout import deploy_under_traffic, fleet_file, observe
 
@@ -65,3 +66,63 @@ def test_a_second_failure_beyond_the_budget_rolls_back_every_instance(fresh_flee
     assert seen.failed == 0, seen.failures
     (found,) = journals(tmp_path / "state")
     assert found["status"] == "rolled back"
+
+
+def with_hooks(bed: Testbed, tmp_path: Path, hooks: dict[str, object], **overrides: object) -> str:
+    return fleet_file(bed, tmp_path, hooks=hooks, **overrides)
+
+
+@pytest.mark.timeout(300)
+def test_a_failing_before_deploy_hook_touches_nothing(fresh_fleet: Testbed, tmp_path: Path) -> None:
+    bed = fresh_fleet
+    before = observe(bed)
+    hook = {"command": 'echo "backing up $ROLLOUT_FLEET"; echo "pg_dump: connection refused" >&2; exit 2'}
+    fleet = with_hooks(bed, tmp_path, {"before_deploy": hook})
+
+    rows, failure, seen = deploy_under_traffic(bed, fleet, "v2")
+
+    assert rows is None and "refused before any instance was touched" in failure
+    assert "hook before_deploy (on the orchestrator) exited 2" in failure and "pg_dump: connection refused" in failure
+    assert observe(bed) == before  # compose files, containers, LB, no lock left
+    assert seen.failed == 0, seen.failures
+
+
+@pytest.mark.timeout(300)
+def test_a_failing_after_instance_hook_on_the_second_instance_rolls_back_it_and_the_first(
+    fresh_fleet: Testbed, tmp_path: Path
+) -> None:
+    bed = fresh_fleet
+    before = observe(bed)
+    smoke = (  # the new container answers at the URL the hook is given; app-2's smoke test fails
+        'busybox wget -q -O /dev/null "$ROLLOUT_HEALTH_URL" || exit 4; '
+        'if [ "$ROLLOUT_INSTANCE" = app-2 ]; then echo "smoke test of $ROLLOUT_INSTANCE failed"; exit 3; fi'
+    )
+    fleet = with_hooks(bed, tmp_path, {"after_instance": {"command": smoke, "run_on": "host", "timeout_seconds": 20}})
+
+    rows, failure, seen = deploy_under_traffic(bed, fleet, "v2")
+
+    assert rows is None
+    assert "failed on instance app-2 at step after_instance" in failure and "exited 3" in failure
+    assert "smoke test of app-2 failed" in failure and "Rolled back app-2, app-1" in failure
+    after = observe(bed)
+    assert after.images == before.images and after.compose == before.compose
+    assert set(after.lb.values()) == {"UP"} and after.locks == ()
+    assert seen.failed == 0, seen.failures
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("run_on", ["orchestrator", "host"])
+def test_hostile_values_reach_hooks_as_plain_text_never_as_shell(
+    fresh_fleet: Testbed, tmp_path: Path, run_on: str
+) -> None:
+    bed = fresh_fleet
+    marker = tmp_path / "pwned"
+    seen_file = tmp_path / "seen"
+    hostile = f"ci; touch {marker} $(touch {marker}) `touch {marker}` \"'"
+    hook = {"command": f'printf %s "$ROLLOUT_TRIGGERED_BY" > {seen_file}', "run_on": run_on}
+    fleet = with_hooks(bed, tmp_path, {"before_instance": hook})
+
+    rolling_deploy(fleet_file=fleet, tag="v2", triggered_by=hostile)
+
+    assert seen_file.read_text() == hostile  # the value, byte for byte
+    assert not marker.exists()

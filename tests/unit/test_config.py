@@ -616,3 +616,11 @@ def test_an_unknown_strategy_is_refused_naming_both(write):
     data = minimal()
     data["rollout"] = {"strategy": "blue-green"}
     assert "rollout.strategy: Input should be 'in-place' or 'surge'" in config_error(write(data))
+
+
+def test_a_hook_of_the_whole_run_cannot_run_on_a_host(write):
+    data = minimal()
+    data["hooks"] = {"before_deploy": {"command": "backup", "run_on": "host"}}
+    assert "hooks: before_deploy runs once for the fleet: run_on must be orchestrator, not host" in config_error(
+        write(data)
+    )
