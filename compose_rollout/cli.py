@@ -26,11 +26,12 @@ from typing import TypeVar
 from compose_rollout import procedure, surge
 from compose_rollout.config import Fleet, Instance, load_fleet
 from compose_rollout.errors import RolloutError
-from compose_rollout.hosts.compose_file import set_image, unified_diff
+from compose_rollout.hosts.compose_file import unified_diff
 from compose_rollout.procedure import Context
 from compose_rollout.registry import RegistryClient
 from compose_rollout.state import history
 from compose_rollout.state.fleet_journals import FleetJournals
+from compose_rollout.state.journal import InstanceRecord
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 T = TypeVar("T")
@@ -160,9 +161,14 @@ def _plan(args: argparse.Namespace) -> int:
         found = procedure.snapshot(ctx, instance)
         if fleet.rollout.strategy == "surge":  # refused here as a deploy would refuse it
             surge.preflight(ctx, instance, procedure.preflight_instance(ctx, instance))
-        after = set_image(found.compose, fleet.service, str(pinned), f"{instance.name}:{instance.compose_path}")
+        path = found.edited_path or instance.compose_path
+        record = InstanceRecord(
+            instance.name, path, found.image, "", found.edited or found.compose, found.mode,
+            image_variable=found.variable, image_prefix=found.image_prefix,
+        )  # fmt: skip
+        after = procedure.edit(record, fleet.service, str(pinned), f"{instance.name}:{path}")
         change = "none (already there)" if found.image == str(pinned) else "update"
-        diffs[instance.name] = unified_diff(found.compose, after, instance.compose_path)
+        diffs[instance.name] = unified_diff(record.original, after, path)
         return {"instance": instance.name, "now": found.image, "after": str(pinned), "change": change}
 
     try:

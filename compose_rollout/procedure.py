@@ -9,6 +9,7 @@ and the clock is injectable, so unit tests run instantly.
 from __future__ import annotations
 
 import json
+import posixpath
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -29,9 +30,9 @@ from compose_rollout.errors import (
     RolloutError,
     WaitTimeout,
 )
-from compose_rollout.hosts import commands
+from compose_rollout.hosts import commands, env_file
 from compose_rollout.hosts.commands import ComposeVersion
-from compose_rollout.hosts.compose_file import current_image, set_image
+from compose_rollout.hosts.compose_file import current_image, image_value, set_image
 from compose_rollout.hosts.ssh import Executor, SshHost
 from compose_rollout.images import ImageRef, parse_reference, validate_tag
 from compose_rollout.lb import adapters
@@ -297,21 +298,77 @@ class Snapshot:
     mode: int
     image: str
     container: ContainerState
+    # The file a run edits: the compose file, or `.env` when the image's tag is a variable
+    # set there (`hosts/env_file.py`); `edited_path` "" means the compose file.
+    edited_path: str = ""
+    edited: bytes = b""
+    variable: str = ""
+    image_prefix: str = ""
     # Where the LB reaches the container, when followed (`service_ports`), and its host port now.
     ports: Ports | None = None
     port: int = 0
 
 
 def snapshot(ctx: Context, instance: Instance) -> Snapshot:
-    """Read the compose file and the running container; refuse anything unexpected."""
+    """Read the compose file (and `.env` when the tag is set there) and the running
+    container; refuse anything unexpected."""
     host = ctx.hosts[instance.name]
     where = f"{instance.name}:{instance.compose_path}"
     compose = host.read_file(instance.compose_path)
-    image = current_image(compose, ctx.fleet.service, where)
+    try:
+        raw = image_value(compose.decode("utf-8"), ctx.fleet.service, where)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where}: is not UTF-8") from None
+    variable = env_file.tag_variable(raw, where)
     container = container_state(ctx, instance)
     if container is None:
         raise PreflightError(f"{instance.name}: service {ctx.fleet.service} has no container; is it deployed?")
-    return Snapshot(instance, compose, host.file_mode(instance.compose_path), image, container)
+    if variable is None:
+        image = current_image(compose, ctx.fleet.service, where)
+        return Snapshot(instance, compose, host.file_mode(instance.compose_path), image, container)
+    env_path, value = _env_tag(ctx, instance, compose, raw, variable)
+    env = host.read_file(env_path)
+    return Snapshot(
+        instance,
+        compose,
+        host.file_mode(env_path),
+        f"{variable.repository}:{value}",
+        container,
+        edited_path=env_path,
+        edited=env,
+        variable=variable.name,
+        image_prefix=f"{variable.repository}:",
+    )
+
+
+def _env_tag(
+    ctx: Context, instance: Instance, compose: bytes, raw: str, variable: env_file.TagVariable
+) -> tuple[str, str]:
+    """(path of `.env`, the tag it sets) for an image whose tag is `variable`; ConfigError
+    when compose-rollout could not change it there alone."""
+    where = f"{instance.name}:{instance.compose_path}"
+    lines = env_file.uses(compose.decode("utf-8"), variable.name)
+    if len(lines) > 1:
+        raise ConfigError(
+            f"{where}: ${{{variable.name}}} is used on lines {', '.join(map(str, lines))}: changing it would change "
+            f"more than the image of {ctx.fleet.service} ({raw}); give that image a variable of its own"
+        )
+    env_path = posixpath.join(instance.project_directory, ".env")
+    host = ctx.hosts[instance.name]
+    try:
+        env = host.read_file(env_path)
+    except RemoteError as error:
+        raise ConfigError(
+            f"{where}: the image {raw} takes its tag from {variable.name}, and {error}: compose-rollout changes "
+            "the tag where it is set, in .env (not in a shell environment)"
+        ) from None
+    value = env_file.value_of(env, variable.name, f"{instance.name}:{env_path}")
+    if host.run(["printenv", variable.name], timeout=ctx.fleet.ssh.command_timeout_seconds, check=False).ok:
+        raise ConfigError(
+            f"{instance.name}: {variable.name} is set in the environment Compose runs in over SSH, which wins over "
+            f"{env_path}: a change there would not take effect; unset it"
+        )
+    return env_path, value
 
 
 def target_image(fleet: Fleet, tag: str | None, image: str | None) -> ImageRef:
@@ -447,24 +504,37 @@ def wait_for_sessions(ctx: Context, instance: Instance, ledger: Ledger, server_n
         ctx.pause(0.1)
 
 
+def edit(record: InstanceRecord, service: str, image: str, where: str) -> bytes:
+    """The edited file's bytes with `image` for the service: the compose file's image
+    value, or the `.env` line of the variable its tag comes from."""
+    if not record.image_variable:
+        return set_image(record.original, service, image, where)
+    if not image.startswith(record.image_prefix):
+        raise ConfigError(
+            f"{where}: the image's repository is written in the compose file ({record.image_prefix}${{"
+            f"{record.image_variable}}}): {image} would need another; change it there by hand"
+        )
+    return env_file.set_value(record.original, record.image_variable, image[len(record.image_prefix) :], where)
+
+
 def write_compose(ctx: Context, instance: Instance, ledger: Ledger, image: str) -> None:
-    """Write the compose file with `image` for the service (atomically, original kept in the ledger)."""
+    """Write the compose file (or `.env`) with `image` for the service (atomically, original kept in the ledger)."""
     record = ledger[instance.name]
-    where = f"{instance.name}:{instance.compose_path}"
+    where = f"{instance.name}:{record.compose_path}"
     if image == record.old_image:
         return
-    content = set_image(record.original, ctx.fleet.service, image, where)
+    content = edit(record, ctx.fleet.service, image, where)
     # Write-ahead: recorded before the write, so an interrupted write is still checked by
     # the rollback (which compares the bytes and rewrites only if they differ).
     ledger.update(instance.name, file_written=True)
-    ctx.hosts[instance.name].write_file_atomic(instance.compose_path, content, record.mode)
+    ctx.hosts[instance.name].write_file_atomic(record.compose_path, content, record.mode)
 
 
 def restore_compose(ctx: Context, instance: Instance, record: InstanceRecord) -> None:
-    """Put back the compose file exactly as it was before the run, byte for byte."""
+    """Put back the file the run edited (compose file or `.env`) exactly as it was, byte for byte."""
     host = ctx.hosts[instance.name]
-    if host.read_file(instance.compose_path) != record.original:
-        host.write_file_atomic(instance.compose_path, record.original, record.mode)
+    if host.read_file(record.compose_path) != record.original:
+        host.write_file_atomic(record.compose_path, record.original, record.mode)
 
 
 def up(ctx: Context, instance: Instance, ledger: Ledger) -> bool:

@@ -447,11 +447,13 @@ def _deploy(
         ledger.add(
             InstanceRecord(
                 name=name,
-                compose_path=found.instance.compose_path,
+                compose_path=found.edited_path or found.instance.compose_path,
                 old_image=found.image,
                 old_image_id=found.container.image_id,
-                original=found.compose,
+                original=found.edited or found.compose,
                 mode=found.mode,
+                image_variable=found.variable,
+                image_prefix=found.image_prefix,
                 old_container=found.container.id,
                 container_port=found.ports.container_port if found.ports else "",
                 port_low=found.ports.low if found.ports else 0,

@@ -49,6 +49,21 @@ def services_of(text: str, where: str = "compose file") -> dict[str, Any]:
     return services
 
 
+def image_value(text: str, service: str, where: str = "compose file") -> str:
+    """The `image:` value of `service` as written (variables not interpolated)."""
+    services = services_of(text, where)
+    if service not in services:
+        known = ", ".join(str(name) for name in services) or "none"
+        raise ConfigError(f"{where}: has no service {service!r} (services: {known})")
+    definition = services[service]
+    if not isinstance(definition, dict) or "image" not in definition:
+        raise ConfigError(f"{where}: service {service!r} has no `image:` key")
+    value = definition["image"]
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: service {service!r} has a non-string image {value!r}")
+    return str(value)
+
+
 def locate_image(text: str, service: str, where: str = "compose file") -> ImageValue:
     """Find the literal `image:` value of `service`; ConfigError if absent or not literal."""
     services = services_of(text, where)
@@ -65,7 +80,10 @@ def locate_image(text: str, service: str, where: str = "compose file") -> ImageV
     if anchor is not None and anchor.value is not None:
         raise ConfigError(f"{where}: the image of {service!r} is a YAML anchor; edit it by hand")
     if "$" in value:
-        raise ConfigError(f"{where}: the image of {service!r} uses a variable ({value}); set it in the file")
+        raise ConfigError(
+            f"{where}: the image of {service!r} uses a variable ({value}); only a tag set in .env "
+            "(REPOSITORY:${VAR}) can be changed"
+        )
     if "image" not in definition.lc.data:  # type: ignore[attr-defined]  # ruamel's CommentedMap
         raise ConfigError(f"{where}: the image of {service!r} comes from a merge key (<<); edit it by hand")
     line, column = definition.lc.value("image")  # type: ignore[attr-defined]  # ruamel's CommentedMap

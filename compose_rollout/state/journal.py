@@ -43,7 +43,7 @@ class InstanceRecord:
     """One instance in one run: where it started, what was done to it, how it ended."""
 
     name: str
-    compose_path: str
+    compose_path: str  # the file the run edits: the compose file, or `.env` (image_variable)
     old_image: str
     old_image_id: str
     original: bytes
@@ -81,6 +81,10 @@ class InstanceRecord:
     surge_server: str = ""
     old_removed: bool = False
     moved: bool = False
+    # The image's tag is this variable, set in `.env` (compose_path); the compose file
+    # says `image_prefix${VAR}`.
+    image_variable: str = ""
+    image_prefix: str = ""
 
     @property
     def seconds_out_of_rotation(self) -> float | None:

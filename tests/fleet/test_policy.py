@@ -1,8 +1,9 @@
-"""Deploy policy on the real fleet: the failure budget (rollout.max_failed_instances) and hooks."""
+"""Deploy policy on the real fleet: the failure budget (rollout.max_failed_instances), hooks, a tag in .env."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,69 @@ def test_hostile_values_reach_hooks_as_plain_text_never_as_shell(
 
     assert seen_file.read_text() == hostile  # the value, byte for byte
     assert not marker.exists()
+
+
+@pytest.fixture
+def tag_in_env_file(fresh_fleet: Testbed) -> Iterator[Testbed]:
+    """The bed's compose files written the Terrateam way: `image: REPO:${APP_VERSION}`,
+    the value in the project's `.env`."""
+    bed = fresh_fleet
+    for instance in bed.instances:
+        text = instance.compose_file.read_text()
+        instance.compose_file.write_text(
+            text.replace(f"{bed.image_repository}:v1", f"{bed.image_repository}:${{APP_VERSION}}")
+        )
+        (instance.project_directory / ".env").write_text("# written by hand\nAPP_VERSION=v1   # the app's version\n")
+    try:
+        yield bed
+    finally:
+        for instance in bed.instances:
+            (instance.project_directory / ".env").unlink(missing_ok=True)
+
+
+def env_files(bed: Testbed) -> dict[str, bytes]:
+    return {i.name: (i.project_directory / ".env").read_bytes() for i in bed.instances}
+
+
+@pytest.mark.timeout(300)
+def test_a_tag_kept_in_env_is_changed_there_and_the_compose_file_is_not_touched(
+    tag_in_env_file: Testbed, tmp_path: Path
+) -> None:
+    bed = tag_in_env_file
+    before, env_before = observe(bed), env_files(bed)
+    rows, failure, seen = deploy_under_traffic(bed, fleet_file(bed, tmp_path), "v2")
+
+    assert failure == "" and rows is not None and {row["result"] for row in rows} == {"updated"}
+    after = observe(bed)
+    v2 = bed.image_id(f"{bed.image_repository}:v2")
+    assert set(after.images.values()) == {v2} and after.compose == before.compose  # not one byte changed
+    for name, env in env_files(bed).items():
+        value = env.split(b"APP_VERSION=")[1].split()[0]
+        assert value.startswith(b"v2@sha256:") and env == env_before[name].replace(b"=v1 ", b"=" + value + b" ")
+    assert seen.failed == 0, seen.failures
+
+
+@pytest.mark.timeout(300)
+def test_a_failed_run_puts_env_back_byte_for_byte(tag_in_env_file: Testbed, tmp_path: Path) -> None:
+    bed = tag_in_env_file
+    before, env_before = observe(bed), env_files(bed)
+    rows, failure, seen = deploy_under_traffic(bed, fleet_file(bed, tmp_path, health={"timeout_seconds": 5}), "broken")
+
+    assert rows is None and "Rolled back app-1" in failure
+    assert observe(bed) == before and env_files(bed) == env_before
+    assert seen.failed == 0, seen.failures
+
+
+@pytest.mark.timeout(120)
+def test_a_variable_used_beyond_the_tag_is_refused_before_anything_is_touched(
+    tag_in_env_file: Testbed, tmp_path: Path
+) -> None:
+    bed = tag_in_env_file
+    compose = bed.instances[1].compose_file
+    compose.write_text(compose.read_text().replace("LOG_LEVEL: info", "LOG_LEVEL: info\n      VERSION: ${APP_VERSION}"))
+    before, env_before = observe(bed), env_files(bed)
+    rows, failure, _ = deploy_under_traffic(bed, fleet_file(bed, tmp_path), "v2")
+
+    assert rows is None and "refused before any instance was touched" in failure
+    assert "app-2:" in failure and "${APP_VERSION} is used on lines" in failure
+    assert observe(bed) == before and env_files(bed) == env_before
