@@ -110,6 +110,21 @@ class HealthSettings(Strict):
     lb_timeout_seconds: Annotated[
         float, Field(gt=0, le=3600, description="Deadline for the LB's own check to report the server UP.")
     ] = 60.0
+    watch_seconds: Annotated[
+        float,
+        Field(
+            ge=0,
+            le=3600,
+            description="The 5xx gate: after an instance is back in rotation, watch its responses in the LB this "
+            "long and roll back if too many are 5xx (0: off; needs an LB that counts responses: HAProxy).",
+        ),
+    ] = 0.0
+    max_5xx_ratio: Annotated[
+        float, Field(ge=0, le=1, description="The 5xx gate fails above this share of 5xx responses (0.05 = 5 %).")
+    ] = 0.05
+    min_requests: Annotated[
+        int, Field(ge=1, le=1_000_000, description="The 5xx gate judges only from this many responses on.")
+    ] = 20
 
 
 class RolloutPolicy(Strict):

@@ -36,7 +36,7 @@ from compose_rollout.hosts.compose_file import current_image, image_value, set_i
 from compose_rollout.hosts.ssh import Executor, SshHost
 from compose_rollout.images import ImageRef, parse_reference, validate_tag
 from compose_rollout.lb import adapters
-from compose_rollout.lb.base import AddsServers, LoadBalancer, ServerView
+from compose_rollout.lb.base import AddsServers, CountsResponses, LoadBalancer, ServerView, require
 from compose_rollout.ports import Ports, host_ports, reached_at
 from compose_rollout.state.journal import InstanceRecord, Ledger
 
@@ -422,7 +422,10 @@ def preflight_instance(ctx: Context, instance: Instance) -> Snapshot:
 
 
 def preflight_lb(ctx: Context) -> Mapping[str, ServerView]:
-    """Every instance's server exists in the LB and is UP and in rotation."""
+    """Every instance's server exists in the LB and is UP and in rotation; the LB can
+    do what the fleet's policy needs of it."""
+    if ctx.fleet.health.watch_seconds > 0:
+        require(ctx.lb, ["response_counters"], "health.watch_seconds (the 5xx gate)")
     servers = ctx.lb.servers()
     problems = []
     for instance in ctx.fleet.instances:
@@ -637,6 +640,32 @@ def await_lb_up(ctx: Context, instance: Instance, server_name: str = "") -> bool
         if ctx.clock.monotonic() >= deadline:
             raise WaitTimeout(f"the LB to see {name} UP", limit, server.describe())
         ctx.pause(0.1)
+
+
+def watch_responses(ctx: Context, instance: Instance, ledger: Ledger) -> tuple[int, int]:
+    """The 5xx gate: watch the instance's server's responses in the LB for
+    `health.watch_seconds` after it is back in rotation; RolloutError with the counts
+    when more than `max_5xx_ratio` of at least `min_requests` are 5xx. (responses, 5xx)."""
+    health = ctx.fleet.health
+    if not isinstance(ctx.lb, CountsResponses):
+        raise PreflightError(f"{ctx.lb.backend} counts no responses, which health.watch_seconds needs")
+    before = ctx.lb.response_counts(instance.lb_server)
+    started = ctx.clock.monotonic()
+    deadline, _ = ctx.wait_until(health.watch_seconds)
+    while True:
+        ctx.pause(max(0.0, min(0.5, deadline - ctx.clock.monotonic())))
+        now = ctx.lb.response_counts(instance.lb_server)
+        total = sum(now[kind] - before.get(kind, 0) for kind in now)
+        errors = now.get("5xx", 0) - before.get("5xx", 0)
+        ledger.update(instance.name, watched_responses=total, watched_5xx=errors)
+        if total >= health.min_requests and errors > health.max_5xx_ratio * total:
+            raise RolloutError(
+                f"{instance.name} answered {errors} of {total} requests with 5xx ({errors / total:.0%}) in its first "
+                f"{ctx.clock.monotonic() - started:.1f} s back in rotation, above health.max_5xx_ratio "
+                f"{health.max_5xx_ratio:.0%}"
+            )
+        if ctx.clock.monotonic() >= deadline:
+            return total, errors
 
 
 def enable(ctx: Context, instance: Instance, ledger: Ledger) -> None:

@@ -94,6 +94,8 @@ def update_instance(
     if ctx.fleet.hooks.after_instance is not None:  # a smoke test before it takes traffic
         _step(ledger, instance, "after_instance", cancel, steps.instance_hook, ctx, instance, ledger, "after_instance")
     _step(ledger, instance, "enable", cancel, steps.enable, ctx, instance, ledger)
+    if ctx.fleet.health.watch_seconds > 0:
+        _step(ledger, instance, "watch-responses", cancel, steps.watch_responses, ctx, instance, ledger)
     ledger.update(instance, outcome="updated", step="")
 
 
@@ -135,6 +137,8 @@ def _surge_instance(
     _step(ledger, instance, "move-server", cancel, steps.move_server, ctx, instance, ledger)
     _step(ledger, instance, "enable", cancel, steps.enable, ctx, instance, ledger)
     _step(ledger, instance, "remove-surge-server", cancel, steps.remove_surge_server, ctx, instance, ledger)
+    if ctx.fleet.health.watch_seconds > 0:
+        _step(ledger, instance, "watch-responses", cancel, steps.watch_responses, ctx, instance, ledger)
     ledger.update(instance, outcome="updated", step="")
 
 
@@ -304,6 +308,8 @@ def _report(ledger: Ledger) -> list[dict[str, Any]]:
                 "sessions at drain": record.sessions_at_drain,
                 "sessions cut": record.sessions_cut,
                 "seconds to healthy": round(record.seconds_to_healthy, 2) if record.seconds_to_healthy else None,
+                "responses watched": record.watched_responses,
+                "5xx watched": record.watched_5xx,
                 "error": record.error,
             }
         )

@@ -126,6 +126,22 @@ def enable(ctx: Context, instance: str, ledger: Ledger) -> None:
     get_run_logger().info("%s back in rotation", instance)
 
 
+@task(name="watch-responses", task_run_name="watch-responses-{instance}", **ONCE)
+def watch_responses(ctx: Context, instance: str, ledger: Ledger) -> None:
+    total, errors = procedure.watch_responses(ctx, ctx.fleet.instance(instance), ledger)
+    health = ctx.fleet.health
+    if total < health.min_requests:
+        get_run_logger().warning(
+            "%s: only %d responses in %g s, fewer than health.min_requests %d: the 5xx gate could not judge",
+            instance,
+            total,
+            health.watch_seconds,
+            health.min_requests,
+        )
+    else:
+        get_run_logger().info("%s: %d of %d responses were 5xx while watched", instance, errors, total)
+
+
 # --- the surge strategy (surge.py) -------------------------------------------------------
 
 

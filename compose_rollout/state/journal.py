@@ -85,6 +85,9 @@ class InstanceRecord:
     # says `image_prefix${VAR}`.
     image_variable: str = ""
     image_prefix: str = ""
+    # The 5xx gate (health.watch_seconds): responses the LB counted while it watched.
+    watched_responses: int | None = None
+    watched_5xx: int | None = None
 
     @property
     def seconds_out_of_rotation(self) -> float | None:

@@ -1,8 +1,11 @@
-"""Deploy policy on the real fleet: the failure budget (rollout.max_failed_instances), hooks, a tag in .env."""
+"""Deploy policy on the real fleet: the failure budget, hooks, a tag in .env, the 5xx gate."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -193,3 +196,65 @@ def test_a_variable_used_beyond_the_tag_is_refused_before_anything_is_touched(
     assert rows is None and "refused before any instance was touched" in failure
     assert "app-2:" in failure and "${APP_VERSION} is used on lines" in failure
     assert observe(bed) == before and env_files(bed) == env_before
+
+
+HALF_FAILING_CGI = """#!/bin/sh
+# "/" answers 500 every other time (the index.html it replaces is gone); /health stays 200.
+n=$(cat /www/count 2>/dev/null || echo 0)
+echo $((n + 1)) > /www/count
+if [ $((n % 2)) = 1 ]; then
+  printf 'Status: 500 Internal Server Error\\r\\nContent-Type: text/plain\\r\\n\\r\\nfailed\\n'
+else
+  printf 'Content-Type: text/plain\\r\\n\\r\\nv2\\n'
+fi
+"""
+
+
+def push_half_failing(bed: Testbed, context: Path) -> None:
+    """The `errors` tag: v2 whose /health passes while half its answers to / are 500."""
+    context.mkdir()
+    script = context / "index.cgi"
+    script.write_text(HALF_FAILING_CGI)
+    script.chmod(0o755)
+    (context / "Dockerfile").write_text(
+        f'FROM {bed.image_repository}:v2\nCOPY index.cgi /www/cgi-bin/index.cgi\nRUN ["/bin/rm", "/www/index.html"]\n'
+    )
+    ref = f"{bed.image_repository}:errors"
+    for argv in (["docker", "build", "-q", "-t", ref, str(context)], ["docker", "push", ref]):
+        subprocess.run(argv, check=True, capture_output=True, timeout=120, env={**os.environ, "DOCKER_BUILDKIT": "0"})
+
+
+WATCH = {"watch_seconds": 4, "min_requests": 10, "max_5xx_ratio": 0.2}
+
+
+@pytest.mark.timeout(300)
+def test_the_5xx_gate_rolls_back_an_image_whose_health_passes_but_half_its_answers_fail(
+    fresh_fleet: Testbed, tmp_path: Path
+) -> None:
+    bed = fresh_fleet
+    push_half_failing(bed, tmp_path / "context")
+    before = observe(bed)
+    rows, failure, seen = deploy_under_traffic(bed, fleet_file(bed, tmp_path, health=WATCH), "errors")
+
+    assert rows is None and "failed on instance app-1 at step watch-responses" in failure
+    assert re.search(r"app-1 answered (\d+) of (\d+) requests with 5xx \(\d+%\)", failure), failure
+    assert "Rolled back app-1" in failure
+    after = observe(bed)
+    assert after.images == before.images and after.compose == before.compose
+    assert set(after.lb.values()) == {"UP"} and after.locks == ()
+    # What clients saw: only the bad instance's 500s, while it was watched.
+    assert seen.failures and all(str(f["error"]).startswith("HTTP 500") for f in seen.failures), seen.failures
+    (found,) = journals(tmp_path / "state")
+    assert found["records"][0]["watched_5xx"] > 0  # type: ignore[index]
+
+
+@pytest.mark.timeout(300)
+def test_the_5xx_gate_lets_a_good_image_through_and_reports_what_it_counted(
+    fresh_fleet: Testbed, tmp_path: Path
+) -> None:
+    bed = fresh_fleet
+    rows, failure, seen = deploy_under_traffic(bed, fleet_file(bed, tmp_path, health=WATCH), "v2")
+
+    assert failure == "" and rows is not None
+    assert all(int(str(row["responses watched"])) >= 10 and row["5xx watched"] == 0 for row in rows), rows
+    assert seen.failed == 0, seen.failures

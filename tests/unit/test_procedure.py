@@ -271,3 +271,36 @@ def test_a_run_switching_repository_on_purpose_says_so() -> None:
     )
     same = procedure.target_image(the_fleet, "1.4.3", None)
     assert procedure.repository_change(the_fleet, running, same, tag_only=True) == ""
+
+
+class CountingLB(FakeLB):
+    """The fake LB, counting responses: each reading adds the next (2xx, 5xx) step."""
+
+    def __init__(self, names: list[str], steps: list[tuple[int, int]]) -> None:
+        super().__init__(names)
+        self.steps = scripted(steps)
+        self.counts = {"1xx": 0, "2xx": 0, "3xx": 0, "4xx": 0, "5xx": 0, "other": 0}
+
+    def response_counts(self, server: str) -> dict[str, int]:
+        good, bad = next(self.steps)
+        self.counts["2xx"] += good
+        self.counts["5xx"] += bad
+        return dict(self.counts)
+
+
+def watched(steps: list[tuple[int, int]], **health: Any) -> tuple[tuple[int, int], Ledger]:
+    ctx, _, _, _ = make_context(health={"watch_seconds": 5, "min_requests": 20, "max_5xx_ratio": 0.1, **health})
+    ctx.lb = CountingLB(["app-1", "app-2", "app-3"], [(100, 100), *steps])  # type: ignore[assignment]
+    ledger = make_ledger(ctx)
+    return procedure.watch_responses(ctx, ctx.fleet.instance("app-1"), ledger), ledger
+
+
+def test_the_5xx_gate_rolls_back_an_instance_whose_5xx_share_passes_the_limit() -> None:
+    with pytest.raises(RolloutError, match=r"app-1 answered 12 of 24 requests with 5xx \(50%\) in its first 1\.0 s"):
+        watched([(6, 6)])
+
+
+def test_the_5xx_gate_passes_below_the_limit_and_does_not_judge_too_few_requests() -> None:
+    counts, ledger = watched([(10, 0), (9, 1)])  # a reading every 0.5 s for 5 s: 9 % of 5xx
+    assert counts == (100, 9) and (ledger["app-1"].watched_responses, ledger["app-1"].watched_5xx) == (100, 9)
+    assert watched([(1, 1)], min_requests=21)[0] == (20, 10)  # half are 5xx, but too few to judge
