@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
 from compose_rollout.flows.rolling_deploy import rolling_deploy
 from compose_rollout.testbed import Testbed
@@ -23,23 +22,29 @@ def journals(state: Path) -> list[dict[str, object]]:
     return [json.loads(path.read_text()) for path in sorted(state.glob("*/runs/*.json"))]
 
 
+def unhealthy_on_v2(bed: Testbed, name: str) -> None:
+    """The instance's container fails /health when it runs v2 (and only then)."""
+    compose = bed.instance(name).compose_file
+    text = compose.read_text()
+    compose.write_text(text.replace("LOG_LEVEL: info", "LOG_LEVEL: info\n      UNHEALTHY_ON_VERSION: v2"))
+    bed.compose(name, "up", "-d")
+    bed.wait_all_up()
+
+
 @pytest.mark.timeout(300)
 def test_within_the_failure_budget_a_failed_instance_is_rolled_back_alone_and_the_run_goes_on(
     fresh_fleet: Testbed, tmp_path: Path
 ) -> None:
     bed = fresh_fleet
+    unhealthy_on_v2(bed, "app-2")  # app-2 alone fails its health gate, on v2 only
     before = observe(bed)
-    fleet = Path(fleet_file(bed, tmp_path, rollout={"max_failed_instances": 1}, health={"timeout_seconds": 5}))
-    document = yaml.safe_load(fleet.read_text())
-    # app-2's health URL answers 404 whatever runs: app-2 alone fails its health gate.
-    document["instances"][1]["health_url"] = document["instances"][1]["health_url"] + "-nowhere"
-    fleet.write_text(yaml.safe_dump(document, sort_keys=False))
+    fleet = fleet_file(bed, tmp_path, rollout={"max_failed_instances": 1}, health={"timeout_seconds": 5})
 
-    rows, failure, seen = deploy_under_traffic(bed, str(fleet), "v2")
+    rows, failure, seen = deploy_under_traffic(bed, fleet, "v2")
 
     assert rows is None
     assert "ended partial: 2 of 3 instances run it (app-1, app-3)" in failure
-    assert "app-2 (rolled back: instance app-2, step await-healthy" in failure and "404" in failure
+    assert "app-2 (rolled back: instance app-2, step await-healthy" in failure and "HTTP 404" in failure
     after = observe(bed)
     v2 = bed.image_id(f"{bed.image_repository}:v2")
     assert after.images["app-1"] == after.images["app-3"] == v2
@@ -54,14 +59,12 @@ def test_within_the_failure_budget_a_failed_instance_is_rolled_back_alone_and_th
 @pytest.mark.timeout(300)
 def test_a_second_failure_beyond_the_budget_rolls_back_every_instance(fresh_fleet: Testbed, tmp_path: Path) -> None:
     bed = fresh_fleet
+    for name in ("app-2", "app-3"):  # one more failure than the budget
+        unhealthy_on_v2(bed, name)
     before = observe(bed)
-    fleet = Path(fleet_file(bed, tmp_path, rollout={"max_failed_instances": 1}, health={"timeout_seconds": 5}))
-    document = yaml.safe_load(fleet.read_text())
-    for index in (1, 2):  # app-2 and app-3 fail: one more than the budget
-        document["instances"][index]["health_url"] += "-nowhere"
-    fleet.write_text(yaml.safe_dump(document, sort_keys=False))
+    fleet = fleet_file(bed, tmp_path, rollout={"max_failed_instances": 1}, health={"timeout_seconds": 5})
 
-    rows, failure, seen = deploy_under_traffic(bed, str(fleet), "v2")
+    rows, failure, seen = deploy_under_traffic(bed, fleet, "v2")
 
     assert rows is None and "failed on instance app-3 at step await-healthy" in failure
     after = observe(bed)
