@@ -135,6 +135,17 @@ class RolloutPolicy(Strict):
         Field(description="Instances updated at once: a count (1) or a percentage of the fleet ('25%')."),
     ] = 1
     canary: Annotated[bool, Field(description="Update one instance alone first, whatever the batch size.")] = False
+    canary_weight: Annotated[
+        str | None,
+        Field(
+            description="Share of the traffic the canary gets back in rotation, e.g. '10%' (implies canary; "
+            "needs an LB with weights: HAProxy; in-place only)."
+        ),
+    ] = None
+    canary_bake_seconds: Annotated[
+        float,
+        Field(ge=0, le=86400, description="How long the weighted canary serves its share, watched by the 5xx gate."),
+    ] = 0.0
     pause_between_batches_seconds: Annotated[float, Field(ge=0, le=3600, description="Wait between two batches.")] = 0.0
     drain_timeout_seconds: Annotated[
         float,
@@ -195,6 +206,18 @@ class RolloutPolicy(Strict):
         if not BATCH_RE.fullmatch(value):
             raise ValueError(f"batch_size must be a count or a percentage like '25%', got {value!r}")
         return value
+
+    @field_validator("canary_weight")
+    @classmethod
+    def _canary_weight(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"([1-9]|[1-9][0-9])%", value):
+            raise ValueError(f"canary_weight must be a share from 1% to 99%, got {value!r}")
+        return value
+
+    @property
+    def canary_share(self) -> float | None:
+        """The weighted canary's share of the traffic (0.1 for '10%'), None without one."""
+        return int(self.canary_weight[:-1]) / 100 if self.canary_weight else None
 
     def batch_count(self, fleet_size: int) -> int:
         """How many instances one batch holds for a fleet of `fleet_size`."""
@@ -461,6 +484,10 @@ class Fleet(YamlSettings):
                 "instances: a fleet of one cannot stay up while it is updated; "
                 "set rollout.allow_single_instance: true to accept downtime"
             )
+        if self.rollout.canary_weight is not None and self.rollout.strategy == "surge":
+            raise ValueError("rollout.canary_weight works with strategy in-place only (not built for surge yet)")
+        if self.rollout.canary_weight is not None and size < 2:
+            raise ValueError("rollout.canary_weight needs at least two instances (the canary's share of what?)")
         if size >= 2 and self.rollout.strategy == "in-place" and self.rollout.batch_count(size) >= size:
             raise ValueError(
                 f"rollout.batch_size: {self.rollout.batch_size} would take all {size} instances out of rotation at "

@@ -36,7 +36,7 @@ from compose_rollout.hosts.compose_file import current_image, image_value, set_i
 from compose_rollout.hosts.ssh import Executor, SshHost
 from compose_rollout.images import ImageRef, parse_reference, validate_tag
 from compose_rollout.lb import adapters
-from compose_rollout.lb.base import AddsServers, CountsResponses, LoadBalancer, ServerView, require
+from compose_rollout.lb.base import AddsServers, CountsResponses, LoadBalancer, ServerView, Weighs, require
 from compose_rollout.ports import Ports, host_ports, reached_at
 from compose_rollout.state.journal import InstanceRecord, Ledger
 
@@ -426,6 +426,8 @@ def preflight_lb(ctx: Context) -> Mapping[str, ServerView]:
     do what the fleet's policy needs of it."""
     if ctx.fleet.health.watch_seconds > 0:
         require(ctx.lb, ["response_counters"], "health.watch_seconds (the 5xx gate)")
+    if ctx.fleet.rollout.canary_weight is not None:
+        require(ctx.lb, ["weights", "response_counters"], "rollout.canary_weight (the weighted canary)")
     servers = ctx.lb.servers()
     problems = []
     for instance in ctx.fleet.instances:
@@ -642,16 +644,16 @@ def await_lb_up(ctx: Context, instance: Instance, server_name: str = "") -> bool
         ctx.pause(0.1)
 
 
-def watch_responses(ctx: Context, instance: Instance, ledger: Ledger) -> tuple[int, int]:
-    """The 5xx gate: watch the instance's server's responses in the LB for
-    `health.watch_seconds` after it is back in rotation; RolloutError with the counts
-    when more than `max_5xx_ratio` of at least `min_requests` are 5xx. (responses, 5xx)."""
+def watch_responses(ctx: Context, instance: Instance, ledger: Ledger, seconds: float | None = None) -> tuple[int, int]:
+    """The 5xx gate: watch the instance's server's responses in the LB for `seconds`
+    (default `health.watch_seconds`) after it is back in rotation; RolloutError with the
+    counts when more than `max_5xx_ratio` of at least `min_requests` are 5xx. (responses, 5xx)."""
     health = ctx.fleet.health
     if not isinstance(ctx.lb, CountsResponses):
         raise PreflightError(f"{ctx.lb.backend} counts no responses, which health.watch_seconds needs")
     before = ctx.lb.response_counts(instance.lb_server)
     started = ctx.clock.monotonic()
-    deadline, _ = ctx.wait_until(health.watch_seconds)
+    deadline, _ = ctx.wait_until(health.watch_seconds if seconds is None else seconds)
     while True:
         ctx.pause(max(0.0, min(0.5, deadline - ctx.clock.monotonic())))
         now = ctx.lb.response_counts(instance.lb_server)
@@ -668,6 +670,55 @@ def watch_responses(ctx: Context, instance: Instance, ledger: Ledger) -> tuple[i
             return total, errors
 
 
+def canary_weights(share: float, others: Mapping[str, int]) -> tuple[int, int]:
+    """(multiplier of the other servers' weights, the canary's weight) that give the
+    canary about `share` of new requests. Weights are whole numbers up to 256, so the
+    others' are multiplied (by a power of two) until the canary's is at least 10."""
+    total = sum(others.values())
+    if total == 0:
+        raise RolloutError("no other server has a weight above 0: a weighted canary would take every request")
+    top = max(others.values())
+    factor = 1
+    while round(share * factor * total / (1 - share)) < 10 and top * factor * 2 <= 256:
+        factor *= 2
+    return factor, min(256, max(1, round(share * factor * total / (1 - share))))
+
+
+def weigh_canary(ctx: Context, instance: Instance, ledger: Ledger) -> float:
+    """Before the canary (drained) goes back in rotation: weights that give it about
+    `rollout.canary_weight` of new requests, every original weight recorded first (put
+    back by `restore_weights`, also by the safety net and by recovery). Its share."""
+    lb = ctx.lb
+    if not isinstance(lb, Weighs):
+        raise PreflightError(f"{lb.backend} cannot set weights, which rollout.canary_weight needs")
+    share = ctx.fleet.rollout.canary_share or 0.0
+    others = {i: lb.weight(i.lb_server) for i in ctx.fleet.instances if i.name != instance.name}
+    factor, weight = canary_weights(share, {i.name: w for i, w in others.items()})
+    for other, original in others.items():
+        if factor != 1:
+            ledger.update(other.name, weight=original)
+            lb.set_weight(other.lb_server, original * factor)
+    ledger.update(instance.name, weight=lb.weight(instance.lb_server))
+    lb.set_weight(instance.lb_server, weight)
+    return weight / (weight + factor * sum(others.values()))
+
+
+def restore_weights(ctx: Context, ledger: Ledger) -> list[str]:
+    """Put back every weight this run changed; the failures."""
+    failures = []
+    for record in list(ledger.records.values()):
+        if record.weight is None:
+            continue
+        try:
+            if not isinstance(ctx.lb, Weighs):
+                raise RolloutError(f"{ctx.lb.backend} cannot set weights")
+            ctx.lb.set_weight(ctx.fleet.instance(record.name).lb_server, record.weight)
+            ledger.update(record.name, weight=None)
+        except Exception as error:  # noqa: BLE001 - one server's failure must not stop the others'
+            failures.append(f"{record.name}: could not put its LB weight back to {record.weight}: {error}")
+    return failures
+
+
 def enable(ctx: Context, instance: Instance, ledger: Ledger) -> None:
     """Put the instance back in rotation."""
     ctx.lb.set_state(instance.lb_server, "ready")
@@ -679,7 +730,7 @@ def release_all(ctx: Context, ledger: Ledger) -> list[str]:
 
     A server whose instance is unhealthy stays out of traffic by the LB's own checks.
     """
-    failures = []
+    failures = restore_weights(ctx, ledger)
     for record in list(ledger.records.values()):
         if record.drained:
             try:

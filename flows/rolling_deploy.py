@@ -70,9 +70,16 @@ def _step(ledger: Ledger, instance: str, name: str, cancel: threading.Event, cal
 
 @task(name="update-instance", task_run_name="update-{instance}", cache_policy=NO_CACHE)
 def update_instance(
-    ctx: Context, instance: str, ledger: Ledger, image: str, image_id: str, cancel: threading.Event
+    ctx: Context,
+    instance: str,
+    ledger: Ledger,
+    image: str,
+    image_id: str,
+    cancel: threading.Event,
+    weighted: bool = False,
 ) -> None:
-    """The seed procedure for one instance, each verb a task (or the surge strategy's)."""
+    """The seed procedure for one instance, each verb a task (or the surge strategy's);
+    `weighted`: it is the weighted canary (rollout.canary_weight)."""
     ledger.update(instance, new_image=image)
     if ctx.fleet.hooks.before_instance is not None:
         _step(
@@ -93,6 +100,13 @@ def update_instance(
     ledger.update(instance, lb_up_at=time.time())
     if ctx.fleet.hooks.after_instance is not None:  # a smoke test before it takes traffic
         _step(ledger, instance, "after_instance", cancel, steps.instance_hook, ctx, instance, ledger, "after_instance")
+    if weighted:  # the weighted canary: its share of requests, watched, then every weight back
+        _step(ledger, instance, "weigh-canary", cancel, steps.weigh_canary, ctx, instance, ledger)
+        _step(ledger, instance, "enable", cancel, steps.enable, ctx, instance, ledger)
+        _step(ledger, instance, "bake", cancel, steps.bake, ctx, instance, ledger)
+        _step(ledger, instance, "restore-weights", cancel, steps.restore_weights, ctx, instance, ledger)
+        ledger.update(instance, outcome="updated", step="")
+        return
     _step(ledger, instance, "enable", cancel, steps.enable, ctx, instance, ledger)
     if ctx.fleet.health.watch_seconds > 0:
         _step(ledger, instance, "watch-responses", cancel, steps.watch_responses, ctx, instance, ledger)
@@ -484,7 +498,8 @@ def _deploy(
             hooks.run("before_deploy", fleet.hooks.before_deploy, hooks.deploy_env("before_deploy", ledger))
         except RolloutError as refused:
             raise PreflightError(f"{refused}\nNothing was touched.") from None
-    plan = batches(pending, fleet.rollout.batch_count(len(fleet.instances)), fleet.rollout.canary)
+    canary = fleet.rollout.canary or fleet.rollout.canary_weight is not None
+    plan = batches(pending, fleet.rollout.batch_count(len(fleet.instances)), canary)
     for number, batch in enumerate(plan, start=1):
         if number > 1 and fleet.rollout.pause_between_batches_seconds:
             time.sleep(fleet.rollout.pause_between_batches_seconds)
@@ -497,7 +512,10 @@ def _deploy(
             )
         logger.info("batch %d/%d: %s", number, len(plan), ", ".join(batch))
         order.extend(batch)
-        futures = {name: update_instance.submit(ctx, name, ledger, str(pinned), image_id, cancel) for name in batch}
+        weighted = number == 1 and canary and fleet.rollout.canary_weight is not None
+        futures = {
+            name: update_instance.submit(ctx, name, ledger, str(pinned), image_id, cancel, weighted) for name in batch
+        }
         errors = _wait_all(futures, cancel)
         if errors:
             failed, error = next(iter(errors.items()))

@@ -10,12 +10,14 @@ carries its own native timeout instead: SSH connect and command deadlines, a rem
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from compose_rollout import hooks, procedure, surge
+from compose_rollout.errors import RolloutError
 from compose_rollout.hosts.shell import RemoteShell
 from compose_rollout.procedure import Context, Snapshot
 from compose_rollout.state.journal import Ledger
@@ -140,6 +142,28 @@ def watch_responses(ctx: Context, instance: str, ledger: Ledger) -> None:
         )
     else:
         get_run_logger().info("%s: %d of %d responses were 5xx while watched", instance, errors, total)
+
+
+@task(name="weigh-canary", task_run_name="weigh-canary-{instance}", **ONCE)
+def weigh_canary(ctx: Context, instance: str, ledger: Ledger) -> None:
+    share = procedure.weigh_canary(ctx, ctx.fleet.instance(instance), ledger)
+    get_run_logger().info("%s: the canary gets %.1f %% of new requests", instance, 100 * share)
+
+
+@task(name="bake", task_run_name="bake-{instance}", **ONCE)
+def bake(ctx: Context, instance: str, ledger: Ledger) -> None:
+    seconds = ctx.fleet.rollout.canary_bake_seconds
+    total, errors = procedure.watch_responses(ctx, ctx.fleet.instance(instance), ledger, seconds)
+    ledger.update(instance, baked_at=time.time())
+    get_run_logger().info("%s baked %g s: %d of %d responses were 5xx", instance, seconds, errors, total)
+
+
+@task(name="restore-weights", task_run_name="restore-weights-{instance}", **SAFE_TO_REPEAT)
+def restore_weights(ctx: Context, instance: str, ledger: Ledger) -> None:
+    failures = procedure.restore_weights(ctx, ledger)
+    if failures:
+        raise RolloutError("; ".join(failures))
+    get_run_logger().info("%s: every weight back as it was; the rest of the fleet follows", instance)
 
 
 # --- the surge strategy (surge.py) -------------------------------------------------------

@@ -22,7 +22,7 @@ ServerAction = Literal["ready", "drain"]
 # What some adapters can do beyond the contract every one keeps, declared in their
 # `capabilities` and checked in preflight by what needs it (`require`): a surge strategy
 # adds and removes servers, a metric gate reads per-server response counters.
-Capability = Literal["add_server", "remove_server", "move_server", "response_counters"]
+Capability = Literal["add_server", "remove_server", "move_server", "response_counters", "weights"]
 SURGE_NEEDS: tuple[Capability, ...] = ("add_server", "remove_server", "move_server")
 
 
@@ -133,6 +133,20 @@ class AddsServers(Protocol):
     def remove_server(self, name: str) -> None:
         """Remove an added server that takes no new requests and has none in flight;
         nothing to do if it is not there."""
+        ...
+
+
+@runtime_checkable
+class Weighs(Protocol):
+    """An LB whose servers have weights it can be told (capability `weights`): the
+    weighted canary."""
+
+    def weight(self, server: str) -> int:
+        """The server's weight now."""
+        ...
+
+    def set_weight(self, server: str, weight: int) -> None:
+        """Give the server this weight (its share of new requests among those in rotation)."""
         ...
 
 

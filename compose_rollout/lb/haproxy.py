@@ -192,7 +192,23 @@ class HaproxyClient:
                 raise LoadBalancerError(f"{address}: an SSH address needs the LB host's connection")
             self._socket_path = ssh_socket_path(address)  # refused here, before any command runs
 
-    capabilities: frozenset[Capability] = frozenset({"response_counters", "add_server", "move_server", "remove_server"})
+    capabilities: frozenset[Capability] = frozenset(
+        {"response_counters", "add_server", "move_server", "remove_server", "weights"}
+    )
+
+    def weight(self, server: str) -> int:
+        """The server's current weight (`get weight` answers `CURRENT (initial INITIAL)`)."""
+        answer = self.command(f"get weight {self.name}/{server}").strip()
+        first = answer.split(" ", 1)[0]
+        if not first.isdigit():
+            raise LoadBalancerError(f"HAProxy answered `get weight {self.name}/{server}` with {answer!r}")
+        return int(first)
+
+    def set_weight(self, server: str, weight: int) -> None:
+        """`set weight` (0-256)."""
+        if not 0 <= weight <= 256:
+            raise LoadBalancerError(f"HAProxy weights go from 0 to 256, not {weight}")
+        self._act(f"set weight {self.name}/{server} {weight}")
 
     @property
     def backend(self) -> str:

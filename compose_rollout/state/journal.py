@@ -88,6 +88,9 @@ class InstanceRecord:
     # The 5xx gate (health.watch_seconds): responses the LB counted while it watched.
     watched_responses: int | None = None
     watched_5xx: int | None = None
+    # The weighted canary changed this server's weight; written before, to be put back.
+    weight: int | None = None
+    baked_at: float | None = None
 
     @property
     def seconds_out_of_rotation(self) -> float | None:

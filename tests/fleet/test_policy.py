@@ -1,4 +1,4 @@
-"""Deploy policy on the real fleet: the failure budget, hooks, a tag in .env, the 5xx gate."""
+"""Deploy policy on the real fleet: the failure budget, hooks, a tag in .env, the 5xx gate, the weighted canary."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import json
 import os
 import re
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -261,3 +263,76 @@ def test_the_5xx_gate_lets_a_good_image_through_and_reports_what_it_counted(
     assert failure == "" and rows is not None
     assert all(int(str(row["responses watched"])) >= 10 and row["5xx watched"] == 0 for row in rows), rows
     assert seen.failed == 0, seen.failures
+
+
+class RequestCounts:
+    """HAProxy's per-server request totals (`stot`), sampled every 0.1 s in a thread."""
+
+    def __init__(self, bed: Testbed) -> None:
+        self.bed = bed
+        self.samples: list[tuple[float, dict[str, int]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            rows = self.bed.haproxy_server_states()
+            self.samples.append((time.time(), {name: int(row["stot"]) for name, row in rows.items()}))
+
+    def __enter__(self) -> RequestCounts:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def between(self, start: float, end: float) -> dict[str, int]:
+        """Requests each server took from `start` to `end` (Unix times)."""
+        first = next(counts for t, counts in self.samples if t >= start)
+        last = [counts for t, counts in self.samples if t <= end][-1]
+        return {name: last[name] - first.get(name, 0) for name in last}
+
+
+def weights(bed: Testbed) -> dict[str, str]:
+    return {i.name: bed.haproxy_command(f"get weight app/{i.lb_server}").split()[0] for i in bed.instances}
+
+
+CANARY = {"canary_weight": "10%", "canary_bake_seconds": 8}
+
+
+@pytest.mark.timeout(300)
+def test_a_weighted_canary_takes_about_its_share_while_it_bakes_then_the_rest_follows(
+    fresh_fleet: Testbed, tmp_path: Path
+) -> None:
+    bed = fresh_fleet
+    with RequestCounts(bed) as counts:
+        rows, failure, seen = deploy_under_traffic(bed, fleet_file(bed, tmp_path, rollout=CANARY, health=WATCH), "v2")
+
+    assert failure == "" and rows is not None and seen.failed == 0, (failure, seen.failures)
+    (found,) = journals(tmp_path / "state")
+    canary = found["records"][0]  # type: ignore[index]
+    assert canary["name"] == "app-1" and canary["baked_at"] is not None
+    # Measured from HAProxy's own counters, from half a second after the canary took traffic to the bake's end.
+    taken = counts.between(canary["enabled_at"] + 0.5, canary["baked_at"])
+    share = taken["app-1"] / sum(taken.values())
+    assert abs(share - 0.10) < 0.04, taken
+    assert weights(bed) == {"app-1": "1", "app-2": "1", "app-3": "1"}  # every weight back
+    v2 = bed.image_id(f"{bed.image_repository}:v2")
+    assert set(observe(bed).images.values()) == {v2}
+
+
+@pytest.mark.timeout(300)
+def test_a_bad_weighted_canary_is_rolled_back_before_the_rest_is_touched(fresh_fleet: Testbed, tmp_path: Path) -> None:
+    bed = fresh_fleet
+    push_half_failing(bed, tmp_path / "context")
+    before = observe(bed)
+    health = {**WATCH, "min_requests": 5}
+    rows, failure, _ = deploy_under_traffic(bed, fleet_file(bed, tmp_path, rollout=CANARY, health=health), "errors")
+
+    assert rows is None and "failed on instance app-1 at step bake" in failure and "with 5xx" in failure
+    after = observe(bed)
+    assert after.images == before.images and after.compose == before.compose  # app-1 back on v1
+    assert {n: after.containers[n] for n in ("app-2", "app-3")} == {n: before.containers[n] for n in ("app-2", "app-3")}
+    assert set(after.lb.values()) == {"UP"} and after.locks == ()
+    assert weights(bed) == {"app-1": "1", "app-2": "1", "app-3": "1"}

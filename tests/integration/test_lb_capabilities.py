@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from compose_rollout.errors import LoadBalancerError, PreflightError
-from compose_rollout.lb.base import SURGE_NEEDS, AddsServers, Capability, CountsResponses, LoadBalancer, require
+from compose_rollout.lb.base import SURGE_NEEDS, AddsServers, Capability, CountsResponses, LoadBalancer, Weighs, require
 from compose_rollout.lb.haproxy import HaproxyClient
 from compose_rollout.lb.nginx import NginxLoadBalancer
 from tests.integration.test_haproxy_recheck import HAPROXY
@@ -167,3 +167,14 @@ def test_haproxy_refuses_a_second_server_of_the_same_name(haproxy: tuple[Haproxy
         client.add_server("s1", "s1", 8081)
     with pytest.raises(LoadBalancerError, match="has no server 'nope'"):
         client.add_server("s2", "nope", 8081)
+
+
+def test_haproxy_reads_and_sets_a_servers_weight(haproxy: tuple[HaproxyClient, str]) -> None:
+    client, _ = haproxy
+    assert isinstance(client, Weighs) and client.weight("s1") == 1
+    client.set_weight("s1", 64)
+    assert client.weight("s1") == 64
+    with pytest.raises(LoadBalancerError, match="from 0 to 256, not 300"):
+        client.set_weight("s1", 300)
+    with pytest.raises(LoadBalancerError, match="get weight app/nope"):
+        client.weight("nope")

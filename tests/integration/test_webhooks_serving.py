@@ -298,7 +298,7 @@ def test_with_a_certificate_the_receiver_serves_https_only(
     assert prefect.wait_for_runs(1)[0]["parameters"]["tag"] == "1.4.2"
     # The secret is never accepted in clear on the TLS port: the server drops the connection
     # (seen by the client as a disconnect, or as a reset when the request was still unread).
-    with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError), match="disconnected|reset by peer"):
+    with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError), match=r"disconnected|reset by peer"):
         httpx.post(
             f"http://127.0.0.1:{receiver.port}/hooks/distribution",
             content=envelope("1.4.3", "sha256:" + "2b" * 32),

@@ -624,3 +624,17 @@ def test_a_hook_of_the_whole_run_cannot_run_on_a_host(write):
     assert "hooks: before_deploy runs once for the fleet: run_on must be orchestrator, not host" in config_error(
         write(data)
     )
+
+
+@pytest.mark.parametrize(
+    ("rollout", "problem"),
+    [
+        ({"canary_weight": "0%"}, "canary_weight must be a share from 1% to 99%"),
+        ({"canary_weight": "10"}, "canary_weight must be a share from 1% to 99%"),
+        ({"canary_weight": "10%", "strategy": "surge"}, "canary_weight works with strategy in-place only"),
+    ],
+)
+def test_a_weighted_canary_is_refused_where_it_cannot_work(write, rollout, problem):
+    data = minimal()
+    data["rollout"] = rollout
+    assert problem in config_error(write(data))

@@ -304,3 +304,21 @@ def test_the_5xx_gate_passes_below_the_limit_and_does_not_judge_too_few_requests
     counts, ledger = watched([(10, 0), (9, 1)])  # a reading every 0.5 s for 5 s: 9 % of 5xx
     assert counts == (100, 9) and (ledger["app-1"].watched_responses, ledger["app-1"].watched_5xx) == (100, 9)
     assert watched([(1, 1)], min_requests=21)[0] == (20, 10)  # half are 5xx, but too few to judge
+
+
+@pytest.mark.parametrize(
+    ("share", "others", "expected", "actual"),
+    [
+        (0.10, {"a": 1, "b": 1}, (64, 14), 14 / 142),  # others to 64 each, the canary 14: 9.9 %
+        (0.25, {"a": 1, "b": 1, "c": 1}, (16, 16), 16 / 64),
+        (0.50, {"a": 100}, (1, 100), 0.5),  # weights large enough already: untouched
+        (0.01, {"a": 1, "b": 1}, (256, 5), 5 / 517),  # as close as whole weights up to 256 allow
+    ],
+)
+def test_canary_weights_give_the_canary_about_its_share(
+    share: float, others: dict[str, int], expected: tuple[int, int], actual: float
+) -> None:
+    factor, weight = procedure.canary_weights(share, others)
+    assert (factor, weight) == expected
+    assert weight / (weight + factor * sum(others.values())) == pytest.approx(actual)
+    assert abs(actual - share) < 0.012
