@@ -182,7 +182,9 @@ def test_a_failed_run_puts_env_back_byte_for_byte(tag_in_env_file: Testbed, tmp_
     rows, failure, seen = deploy_under_traffic(bed, fleet_file(bed, tmp_path, health={"timeout_seconds": 5}), "broken")
 
     assert rows is None and "Rolled back app-1" in failure
-    assert observe(bed) == before and env_files(bed) == env_before
+    after = observe(bed)  # app-1's container is a new one (the rollback recreated it), on v1
+    assert after.images == before.images and after.compose == before.compose and env_files(bed) == env_before
+    assert set(after.lb.values()) == {"UP"} and after.locks == ()
     assert seen.failed == 0, seen.failures
 
 
