@@ -123,10 +123,12 @@ def test_a_surge_rollout_moves_the_fleet_without_losing_a_server_or_a_request(
     before = look(bed)
     v2 = bed.image_id(f"{bed.image_repository}:v2")
     fleet = fleet_file(bed, tmp_path, rollout={**SURGE, "batch_size": batch_size})
+    # One 10 s request in flight on every instance as the run starts: sent before the load,
+    # whose own slow requests would otherwise already count as "one on every instance".
+    slow = SlowRequests(bed, 10)
     traffic = Traffic(bed.lb_url, slow_workers=3, slow_seconds=3)
     traffic.start()
     with sampled(bed) as capacity:
-        slow = SlowRequests(bed, 8)  # one 8 s request in flight on every instance as the run starts
         rows = rolling_deploy(fleet_file=fleet, tag="v2", triggered_by="test")
     seen = traffic.stop()
 
