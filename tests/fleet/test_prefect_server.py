@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -23,6 +25,7 @@ import yaml
 from compose_rollout.testbed import Testbed
 from compose_rollout.testbed.traffic import Traffic
 from tests.fleet.test_faults import (
+    CLI,
     SlowRequests,
     assert_serving_v1,
     journal,
@@ -145,13 +148,18 @@ def nothing_left_running(stack: Stack) -> Iterator[None]:
         for schedule in deployment["schedules"]:
             if (schedule.get("slug") or "").startswith("test-"):
                 call_api("DELETE", f"{stack.api}/deployments/{deployment['id']}/schedules/{schedule['id']}")
+    stop_active_runs(stack.api)
+
+
+def stop_active_runs(api: str) -> None:
+    """Cancel every run still waiting or running, and wait until they have ended."""
     active = {"flow_runs": {"state": {"type": {"any_": ACTIVE}}}, "limit": 200}
-    for run in call_api("POST", f"{stack.api}/flow_runs/filter", active):
+    for run in call_api("POST", f"{api}/flow_runs/filter", active):
         # A running one is stopped the way the UI's Cancel does it (the worker kills it; the flow rolls back).
         state = "CANCELLING" if run["state"]["type"] == "RUNNING" else "CANCELLED"
-        call_api("POST", f"{stack.api}/flow_runs/{run['id']}/set_state", {"state": {"type": state}, "force": True})
+        call_api("POST", f"{api}/flow_runs/{run['id']}/set_state", {"state": {"type": state}, "force": True})
     deadline = time.monotonic() + 120
-    while call_api("POST", f"{stack.api}/flow_runs/filter", active):
+    while call_api("POST", f"{api}/flow_runs/filter", active):
         assert time.monotonic() < deadline, "runs left by the test did not stop within 120 s"
         time.sleep(0.5)  # polling Prefect's API for the runs to end
 
@@ -502,3 +510,145 @@ def test_the_prefect_ui_starts_a_run_with_a_custom_tag_and_the_fleet_moves(
     v2 = bed.image_id(f"{bed.image_repository}:v2")
     assert {bed.running_image(i.name) for i in bed.instances} == {v2}
     assert set(observe(bed).lb.values()) == {"UP"}
+
+
+@contextmanager
+def worker_machine(env: dict[str, str], name: str, pool: str, queue: str, state: Path, log: Path) -> Iterator[int]:
+    """A process worker as if on a machine of its own: its own host name (a UTS namespace;
+    the host name is what tells the fleet lock that a holder is on another machine), its
+    own state directory (ROLLOUT_STATE_DIRECTORY), polling only `queue` of the pool.
+    Yields the worker's pid; the runs it starts are its children, in its namespace."""
+    argv = ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', name, *PREFECT, "worker", "start"]
+    argv += ["--pool", pool, "--work-queue", queue, "--name", name]
+    worker = spawn(argv, env | {"ROLLOUT_STATE_DIRECTORY": str(state)}, log, cwd=REPO)
+    try:
+        yield worker.pid  # unshare and sh exec: this pid is the worker's
+    finally:
+        stop(worker)
+
+
+def run_on(api: str, deployment: str, queue: str, parameters: dict[str, Any]) -> str:
+    """A run of `deployment` put on one work queue, so only that queue's worker takes it."""
+    url = f"{api}/deployments/{deployment_id(api, deployment)}/create_flow_run"
+    return str(call_api("POST", url, {"parameters": parameters, "work_queue_name": queue})["id"])
+
+
+def parent_pid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+
+
+@pytest.mark.timeout(600)
+def test_a_run_killed_on_one_prefect_worker_is_recovered_and_redeployed_from_another(
+    fresh_fleet: Testbed, stack: Stack, tmp_path: Path
+) -> None:
+    """Issue 9 item 4 with two real process workers on one Prefect server, each with its
+    own host name and state directory: nothing shared between them but the fleet itself.
+
+    A's run is SIGKILLed mid-instance (the flow-run process, as an OOM kill or `kill -9`
+    would; worker A lives on and reports the crash). B's next deploy does not take the lock
+    over: from B, A's process is on another machine and not known dead. B's recover-fleet,
+    on a person's word (i_checked), reverts A's run from the journal copy on the fleet, and
+    B's deploy then moves the fleet. A, whose disk has none of B's runs, still sees B's
+    deploy: its older request ends superseded, touching nothing."""
+    bed = fresh_fleet
+    before = observe(bed)
+    fleet = fleet_file(bed, tmp_path, health={"timeout_seconds": 8})
+    # The deployments of prefect.yaml, copied into a pool of their own (the module's worker
+    # never sees them) whose queues a and b each have one worker.
+    pool = f"two-workers-{uuid.uuid4().hex[:8]}"
+    project = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    entries = [
+        entry
+        | {
+            "name": f"{entry['name']}-two-workers",
+            "work_pool": {"name": pool, "work_queue_name": "a"},
+            "schedules": [],
+            "parameters": entry["parameters"] | {"fleet_file": fleet},
+        }
+        for entry in project["deployments"]
+    ]
+    (tmp_path / "prefect.yaml").write_text(yaml.safe_dump(project | {"deployments": entries}))
+    prefect(stack.env, "work-pool", "create", pool, "--type", "process")
+    for queue in ("a", "b"):
+        prefect(stack.env, "work-queue", "create", queue, "--pool", pool)
+    prefect(stack.env, "--no-prompt", "deploy", "--all", "--prefect-file", str(tmp_path / "prefect.yaml"))
+    deploy, recover = "rolling-deploy/fleet-two-workers", "recover-fleet/fleet-recover-two-workers"
+    state_a, state_b = tmp_path / "worker-a", tmp_path / "worker-b"
+    log_a, log_b = tmp_path / "worker-a.log", tmp_path / "worker-b.log"
+    holder_file = bed.instances[0].project_directory / ".compose-rollout-demo.lock" / "holder.json"
+    copies = bed.instances[0].project_directory / ".compose-rollout-demo.runs"  # the journals on the fleet
+    v2 = bed.image_id(f"{bed.image_repository}:v2")
+    traffic = Traffic(bed.lb_url)
+    traffic.start()
+    with (
+        worker_machine(stack.env, "worker-a", pool, "a", state_a, log_a) as worker_a,
+        worker_machine(stack.env, "worker-b", pool, "b", state_b, log_b),
+    ):
+        try:
+            killed = run_on(stack.api, deploy, "a", {"tag": "v2"})
+            wait_for_journal(
+                state_a, lambda j: record(j, "app-2").get("file_written") is True, timeout=180, run_id=killed
+            )
+            holder = json.loads(holder_file.read_text())
+            # The lock's holder is the flow-run process worker A started for this run, on "worker-a".
+            assert holder["run_id"] == killed and holder["hostname"] == "worker-a", holder
+            assert call_api("GET", f"{stack.api}/flow_runs/{killed}")["infrastructure_pid"] == str(holder["pid"])
+            assert parent_pid(holder["pid"]) == worker_a
+            os.kill(holder["pid"], signal.SIGKILL)
+            assert wait_for_final(stack.api, killed)["state"]["type"] == "CRASHED", tail(log_a)
+            assert int(bed.haproxy_servers_state()["app-2"]["srv_admin_state"]) & 0x08  # left drained: a real fault
+            left = observe(bed)
+            assert left.locks != ()
+            assert json.loads((copies / f"{killed}.json").read_text())["status"] is None
+            assert not state_b.exists()  # B has nothing of A's on its disk
+
+            # B's next deploy cannot know A's process is dead (another machine): it touches nothing.
+            refused = wait_for_final(stack.api, run_on(stack.api, deploy, "b", {"tag": "v2"}))
+            assert refused["state"]["type"] == "FAILED", tail(log_b)
+            message = refused["state"]["message"]
+            assert f"locked by run {killed} to " in message and "root@worker-a" in message, message
+            assert "--i-checked" in message, message
+            assert observe(bed) == left
+
+            # A person checked that worker A's run is gone: recover-fleet on B reverts it from the fleet's copy.
+            recovered = wait_for_final(stack.api, run_on(stack.api, recover, "b", {"i_checked": True}))
+            assert recovered["state"]["type"] == "COMPLETED", tail(log_b)
+            assert run_journal(state_b, "demo", killed)["status"] == "recovered"
+            assert json.loads((copies / f"{killed}.json").read_text())["status"] == "recovered"
+            assert run_journal(state_a, "demo", killed)["status"] is None  # A's own disk never saw the recovery
+            back = observe(bed)
+            assert (back.images, back.compose, back.locks) == (before.images, before.compose, ())
+            assert set(back.lb.values()) == {"UP"}
+
+            deployed = run_on(stack.api, deploy, "b", {"tag": "v2"})
+            assert wait_for_final(stack.api, deployed)["state"]["type"] == "COMPLETED", tail(log_b)
+            seen = traffic.stop()
+            after = observe(bed)
+            assert set(after.images.values()) == {v2} and set(after.lb.values()) == {"UP"} and after.locks == ()
+            assert seen.failed == 0, seen.failures
+
+            # The newest-request rule from A: a request older than B's deploy sees it on the fleet.
+            asked = call_api("GET", f"{stack.api}/flow_runs/{killed}")["expected_start_time"]
+            older = run_on(stack.api, deploy, "a", {"tag": "v1", "requested_at": asked})
+            assert wait_for_final(stack.api, older)["state"]["type"] == "COMPLETED", tail(log_a)
+            superseded = run_journal(state_a, "demo", older)
+            assert superseded["status"] == "superseded" and superseded["records"] == [], superseded
+            assert not (state_a / "demo" / "runs" / f"{deployed}.json").exists()  # known only from the fleet
+            assert observe(bed) == after
+        finally:
+            stop_active_runs(stack.api)  # while the workers are there to stop their runs
+
+    # History, from B's machine: A's killed run, recovered, and B's deploy.
+    history = subprocess.run(
+        [*CLI, "history", "--fleet", fleet],
+        env=stack.env | {"ROLLOUT_STATE_DIRECTORY": str(state_b)},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert history.returncode == 0, history.stderr[-2000:]
+    lines = {line.split()[2]: line for line in history.stdout.splitlines()[1:]}
+    assert "root@worker-a" in lines[killed[:12]] and "recovered" in lines[killed[:12]], history.stdout
+    assert "root@worker-b" in lines[deployed[:12]] and "succeeded" in lines[deployed[:12]], history.stdout
+    assert "superseded" in lines[older[:12]], history.stdout
