@@ -38,6 +38,12 @@ log = logging.getLogger("compose_rollout.testbed")
 LABEL = compose.LABEL
 HTTP_PORT = 8080
 SSH_PORT = 2222
+# The host ports published by publish_port_range(): the surge strategy starts a second
+# container beside the running one, and Docker gives it the port of the range still free.
+SURGE_HOST_PORTS = f"{HTTP_PORT}-{HTTP_PORT + 1}"
+# The check of the backend's server lines (haproxy.render_config's default-server), which
+# the fleet file gives for a server added at run time too (no default-server applies to it).
+SURGE_CHECK = {"inter_ms": 500, "rise": 2, "fall": 2}
 
 # Binaries the bed runs; checked up front so a missing package is one clear error.
 REQUIRED_BINARIES = ("docker", "dockerd", "docker-compose", "docker-registry", "haproxy", "ssh-keygen")
@@ -442,6 +448,7 @@ class Testbed:
                 "kind": "haproxy",
                 "admin_address": self.lb_admin_address,
                 "backend": self.lb_backend,
+                "surge_check": dict(SURGE_CHECK),
             }
         else:
             lb_section = self.front(lb).fleet_settings(self.lb_host.address, self.lb_host.ssh_port)
@@ -676,12 +683,18 @@ class Testbed:
         result = run(argv, timeout=timeout, env=clean_env(), cwd=instance.project_directory)
         return result.stdout + result.stderr
 
+    def _render_compose(self, instance: TestbedInstance, host_ports: str | None = None) -> str:
+        return compose.render_compose_file(
+            instance=instance.name,
+            address=instance.address,
+            image=f"{self.image_repository}:{self.initial_tag}",
+            http_port=HTTP_PORT,
+            host_ports=host_ports,
+        )
+
     def _bring_up_instances(self) -> None:
-        image_ref = f"{self.image_repository}:{self.initial_tag}"
         for instance in self.instances:
-            text = compose.render_compose_file(
-                instance=instance.name, address=instance.address, image=image_ref, http_port=HTTP_PORT
-            )
+            text = self._render_compose(instance)
             instance.compose_file.write_text(text)
             self._initial_compose_text[instance.name] = text
         # Each docker-compose call spends ~1.4 s starting Python; run them side by side.
@@ -690,6 +703,18 @@ class Testbed:
         for container in self._containers():
             labels = container["Config"]["Labels"]
             self._initial_config_hash[labels["com.docker.compose.project"]] = labels["com.docker.compose.config-hash"]
+
+    def publish_port_range(self) -> None:
+        """Publish each instance's app on the host port range ``ADDRESS:8080-8081``
+        instead of the fixed 8080, as the surge strategy needs: its compose file is
+        written again with only the ports line changed, its container recreated from
+        it (on 8080, the first free port of the range), and every server awaited UP.
+        Call it before starting traffic: the recreate takes each app away for a moment.
+        reset() puts the fixed port back."""
+        for instance in self.instances:
+            instance.compose_file.write_text(self._render_compose(instance, host_ports=SURGE_HOST_PORTS))
+        self._compose_up([instance.name for instance in self.instances])
+        self.wait_all_up()
 
     def _compose_up(self, names: list[str]) -> None:
         if not names:
@@ -723,6 +748,21 @@ class Testbed:
         if len(ids) != 1:
             raise TestbedError(f"expected one running server container for {name}, found {len(ids)}")
         return ids[0]
+
+    def project_containers(self, name: str) -> list[dict[str, Any]]:
+        """`docker inspect` of every container of the instance's Compose project,
+        running or not, oldest first (a surge leaves two while it runs)."""
+        found = [c for c in self._containers() if c["Config"]["Labels"].get("com.docker.compose.project") == name]
+        return sorted(found, key=lambda container: str(container["Created"]))
+
+    def published_port(self, name: str) -> int:
+        """The host port the instance's running ``server`` container publishes for
+        the app (`docker port CONTAINER 8080/tcp`): 8080 or, with a port range, 8081."""
+        container = self._server_container(name)
+        answer = run([self.docker, "port", container, f"{HTTP_PORT}/tcp"], timeout=30).stdout.split()
+        if not answer:
+            raise TestbedError(f"the server container of {name} publishes no host port for {HTTP_PORT}/tcp")
+        return int(answer[0].rsplit(":", 1)[1])
 
     def container_id(self, name: str) -> str:
         """ID of the running ``server`` container of an instance."""
@@ -775,6 +815,12 @@ class Testbed:
         """`show servers state` of the backend keyed by server name
         (srv_op_state, srv_admin_state, ...)."""
         return self.admin.show_servers_state(self.lb_backend)
+
+    def haproxy_server_addresses(self) -> dict[str, tuple[str, int]]:
+        """Where HAProxy sends each server of the backend: {name: (address, port)}."""
+        return {
+            name: (state["srv_addr"], int(state["srv_port"])) for name, state in self.haproxy_servers_state().items()
+        }
 
     def set_server_state(self, name: str, state: str) -> None:
         """`set server app/NAME state ready|drain|maint`."""
@@ -865,9 +911,25 @@ class Testbed:
             log.info("reset: bringing up %s again", ", ".join(sorted(needs_up)))
             self._compose_up(sorted(needs_up))
 
+        self._restore_haproxy_servers()
         for instance in self.instances:
             self.admin.command(f"enable health {self.lb_backend}/{instance.lb_server}")
             self.set_server_state(instance.name, "ready")
         for front in self._fronts.values():
             front.reset()
         self.wait_all_up(timeout=timeout)
+
+    def _restore_haproxy_servers(self) -> None:
+        """Delete the servers a run added to the backend (a surge's ``NAME-surge``)
+        and send every instance's server to its address and port 8080 again (a
+        surge leaves it at whichever port of the range its new container got)."""
+        ours = {instance.lb_server for instance in self.instances}
+        for server in self.haproxy_server_states():
+            if server not in ours:
+                log.info("reset: deleting HAProxy server %s/%s", self.lb_backend, server)
+                self.admin.delete_server(self.lb_backend, server, timeout=30)
+        addresses = self.haproxy_server_addresses()
+        for instance in self.instances:
+            if addresses.get(instance.lb_server) != (instance.address, HTTP_PORT):
+                log.info("reset: HAProxy server %s back to %s:%d", instance.lb_server, instance.address, HTTP_PORT)
+                self.admin.set_server_address(self.lb_backend, instance.lb_server, instance.address, HTTP_PORT)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import socket
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,3 +153,30 @@ class HaproxyAdmin:
         answer = self.command(f"set server {backend}/{server} state {state}").strip()
         if answer:
             raise RuntimeError(f"haproxy refused state {state} for {backend}/{server}: {answer}")
+
+    def set_server_address(self, backend: str, server: str, address: str, port: int) -> None:
+        """`set server BACKEND/SERVER addr ADDRESS port PORT`. HAProxy answers a line
+        on success too ("no need to change the addr, port changed from '8081' to
+        '8080' ..."); only an answer without "addr" is a refusal. The health state is
+        kept: a server UP before stays UP until `fall` checks fail at the new address."""
+        answer = self.command(f"set server {backend}/{server} addr {address} port {port}").strip()
+        if "addr" not in answer:
+            raise RuntimeError(f"haproxy refused addr {address}:{port} for {backend}/{server}: {answer}")
+
+    def delete_server(self, backend: str, server: str, timeout: float = 10.0) -> None:
+        """Put a server in maintenance, then `del server` it, asking again while
+        HAProxy answers that requests in flight still use it (maintenance lets them
+        finish). A server already gone is fine."""
+        answer = self.command(f"set server {backend}/{server} state maint").strip()
+        if answer == "No such server.":
+            return
+        if answer:
+            raise RuntimeError(f"haproxy refused state maint for {backend}/{server}: {answer}")
+        deadline = time.monotonic() + timeout
+        while True:
+            answer = self.command(f"del server {backend}/{server}").strip()
+            if answer in ("Server deleted.", "No such server."):
+                return
+            if "still has connections" not in answer or time.monotonic() >= deadline:
+                raise RuntimeError(f"haproxy did not delete {backend}/{server}: {answer}")
+            time.sleep(0.1)

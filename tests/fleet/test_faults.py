@@ -89,11 +89,12 @@ def record(found: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 @contextmanager
-def cli_deploy(fleet: str, tag: str, out: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """`rollout deploy` in its own process group (its temporary Prefect server is a child)."""
+def cli_deploy(fleet: str, tag: str, out: Path, *flags: str) -> Iterator[subprocess.Popen[bytes]]:
+    """`rollout deploy` (with `flags`, e.g. "--strategy", "surge") in its own process group
+    (its temporary Prefect server is a child)."""
     with open(out, "wb") as log:
         process = subprocess.Popen(
-            [*CLI, "deploy", "--fleet", fleet, "--tag", tag],
+            [*CLI, "deploy", "--fleet", fleet, "--tag", tag, *flags],
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

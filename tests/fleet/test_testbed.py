@@ -22,6 +22,7 @@ import yaml
 from compose_rollout.config import load_fleet
 from compose_rollout.testbed import HaproxyAdmin, Testbed
 from compose_rollout.testbed import registry as registry_config
+from compose_rollout.testbed.capacity import CapacitySampler
 from compose_rollout.testbed.traffic import Traffic, check_loopback_url
 
 pytestmark = pytest.mark.fleet
@@ -235,6 +236,52 @@ def test_reset_undoes_a_broken_rollout_and_a_registry_outage(fresh_fleet: Testbe
     assert {"broken", "v1", "v2"} <= set(tags)  # other tests push variants; these must be back
 
 
+@pytest.mark.timeout(240)
+def test_a_port_range_takes_a_second_container_beside_and_reset_undoes_a_half_done_surge(
+    fresh_fleet: Testbed,
+) -> None:
+    """What the surge strategy does by hand, as far as the bed must support and undo it:
+    Compose starts a second container on the other port of the range, HAProxy takes it
+    as an added server (counted by the CapacitySampler), another server is re-addressed."""
+    bed = fresh_fleet
+    fixed = {i.name: i.compose_file.read_text() for i in bed.instances}
+    bed.publish_port_range()
+    for instance in bed.instances:
+        mapping = f'"{instance.address}:8080-8081:8080"'
+        assert instance.compose_file.read_text() == fixed[instance.name].replace(
+            f'"{instance.address}:8080:8080"', mapping
+        )
+        assert bed.published_port(instance.name) == 8080  # the first free port of the range
+
+    app1 = bed.instance("app-1")
+    old = bed.container_id("app-1")
+    bed.compose("app-1", "up", "-d", "--no-deps", "--no-recreate", "--scale", "server=2", "server")
+    containers = bed.project_containers("app-1")
+    assert len(containers) == 2 and containers[0]["Id"].startswith(old)  # the old one kept
+    assert [c["State"]["Running"] for c in containers] == [True, True]
+    second = containers[1]["NetworkSettings"]["Ports"]["8080/tcp"][0]
+    assert (second["HostIp"], second["HostPort"]) == (app1.address, "8081")
+    _wait(lambda: _get(f"http://{app1.address}:8081/health").status_code == 200, 10, "the second container")
+    with CapacitySampler(bed.admin.server_stats, bed.lb_backend) as capacity:
+        answer = bed.haproxy_command(f"add server app/app-1-surge {app1.address}:8081 check inter 500 rise 2 fall 2")
+        assert answer.strip() == "New server registered."
+        assert bed.haproxy_server_states()["app-1-surge"]["status"] == "MAINT"  # added servers start there
+        bed.haproxy_command("set server app/app-1-surge state ready")
+        bed.haproxy_command("enable health app/app-1-surge")
+        _wait(lambda: bed.haproxy_server_states()["app-1-surge"]["status"] == "UP", 10, "app-1-surge UP")
+        _wait(lambda: capacity.maximum == 4, 5, "the sampler to see four servers taking requests")
+    assert capacity.minimum == 3 and capacity.seconds_below(3) == 0
+    bed.admin.set_server_address(bed.lb_backend, "app-2", "127.0.1.3", 8081)  # nothing listens there
+    assert bed.haproxy_server_addresses()["app-2"] == ("127.0.1.3", 8081)
+
+    bed.reset()
+    assert {i.name: i.compose_file.read_text() for i in bed.instances} == fixed
+    assert {i.name: len(bed.project_containers(i.name)) for i in bed.instances} == {i.name: 1 for i in bed.instances}
+    assert {i.name: bed.published_port(i.name) for i in bed.instances} == {i.name: 8080 for i in bed.instances}
+    assert bed.haproxy_server_addresses() == {i.lb_server: (i.address, 8080) for i in bed.instances}  # no -surge
+    assert {row["status"] for row in bed.haproxy_server_states().values()} == {"UP"}
+
+
 @pytest.mark.timeout(60)
 def test_reset_of_an_untouched_bed_touches_nothing(fresh_fleet: Testbed) -> None:
     bed = fresh_fleet
@@ -249,7 +296,12 @@ def test_reset_of_an_untouched_bed_touches_nothing(fresh_fleet: Testbed) -> None
 def test_fleet_file_describes_the_bed(testbed: Testbed, tmp_path: Path) -> None:
     path = testbed.fleet_file(tmp_path / "fleet.yml", rollout={"batch_size": 2}, health={"timeout_seconds": 10})
     document = yaml.safe_load(path.read_text())
-    assert document["load_balancer"] == {"kind": "haproxy", "admin_address": "tcp://127.0.0.1:19999", "backend": "app"}
+    assert document["load_balancer"] == {
+        "kind": "haproxy",
+        "admin_address": "tcp://127.0.0.1:19999",
+        "backend": "app",
+        "surge_check": {"inter_ms": 500, "rise": 2, "fall": 2},
+    }
     assert document["rollout"] == {"batch_size": 2}
     assert [i["host"] for i in document["instances"]] == ["127.0.1.2", "127.0.1.3", "127.0.1.4"]
     assert document["instances"][0]["project_directory"] == str(testbed.instances[0].project_directory)
