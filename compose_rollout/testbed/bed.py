@@ -708,19 +708,29 @@ class Testbed:
         """Publish each instance's app on the host port range ``ADDRESS:8080-8081``
         instead of the fixed 8080, as the surge strategy needs: its compose file is
         written again with only the ports line changed, its container recreated from
-        it (on 8080, the first free port of the range), and every server awaited UP.
-        Call it before starting traffic: the recreate takes each app away for a moment.
-        reset() puts the fixed port back."""
+        it on 8080 as before, and every server awaited UP. Call it before starting
+        traffic: the recreate takes each app away for a moment. reset() puts the
+        fixed port back."""
+        names = [instance.name for instance in self.instances]
         for instance in self.instances:
             instance.compose_file.write_text(self._render_compose(instance, host_ports=SURGE_HOST_PORTS))
-        self._compose_up([instance.name for instance in self.instances])
+        self._compose_up(names)
+        # Docker gives the ports of a range in turn (the one after the last it gave for
+        # that address and range since the engine started, wrapping), not the lowest
+        # free one: a container that got 8081 gets 8080 when created once more.
+        for _ in range(2):
+            elsewhere = [name for name in names if self.published_port(name) != HTTP_PORT]
+            self._compose_up(elsewhere, "--force-recreate")
+        elsewhere = [name for name in names if self.published_port(name) != HTTP_PORT]
+        if elsewhere:
+            raise TestbedError(f"the containers of {', '.join(elsewhere)} never got host port {HTTP_PORT}")
         self.wait_all_up()
 
-    def _compose_up(self, names: list[str]) -> None:
+    def _compose_up(self, names: list[str], *flags: str) -> None:
         if not names:
             return
         with ThreadPoolExecutor(max_workers=len(names)) as pool:
-            for future in [pool.submit(self.compose, name, "up", "-d") for name in names]:
+            for future in [pool.submit(self.compose, name, "up", "-d", *flags) for name in names]:
                 future.result()
 
     def _wait_healthy(self, names: list[str], timeout: float = 60) -> None:
