@@ -295,7 +295,10 @@ def render(results: Results, plot_name: str) -> str:
     floor = floor_seconds(results.floor)
     runs = results.runs
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(results.started))
-    minutes = (results.finished - results.started) / 60
+    minutes = (results.finished - results.started - results.lock_wait) / 60
+    waited = (
+        f" (not counting {results.lock_wait / 60:.1f} min waiting for another test bed)" if results.lock_wait else ""
+    )
     out: list[str] = []
     add = out.append
     add("# Benchmarks")
@@ -308,7 +311,7 @@ def render(results: Results, plot_name: str) -> str:
     add(f"```sh\n{results.command}\n```")
     add("")
     add(
-        f"Run on {when}; the whole suite took {minutes:.1f} min. "
+        f"Run on {when}; the whole suite took {minutes:.1f} min{waited}. "
         f"{'This is the `--quick` subset. ' if results.quick else ''}"
         f"{'This is the `--surge` subset (the rows the surge strategy is judged by). ' if results.surge_only else ''}"
         "Not part of `./dev test`: speed is measured here, never in timed tests."

@@ -80,7 +80,9 @@ def test_bed(workdir: Path, instances: int, results: Results) -> Iterator[Testbe
     say(f"starting a test bed of {instances} instances (waits if another bed holds the machine lock)")
     # Take the machine-wide lock first (start() would too, idempotently) so that
     # waiting for another engineer's bed is not counted as start-up time.
+    waiting = time.monotonic()
     bed._take_machine_lock()
+    results.lock_wait += time.monotonic() - waiting
     began = time.monotonic()
     bed.start()
     results.bed_startup[instances] = time.monotonic() - began

@@ -345,6 +345,7 @@ class Results:
     finished: float = 0.0
     prefect_startup: float = 0.0
     bed_startup: dict[int, float] = field(default_factory=dict)
+    lock_wait: float = 0.0  # seconds waiting for another test bed to release the machine
     runs: list[Run] = field(default_factory=list)
     floor: list[FloorSample] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
