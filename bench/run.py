@@ -73,16 +73,42 @@ def say(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+class MachineLock:
+    """The machine-wide test bed lock, taken by the first bed and kept until the run
+    ends: with beds of 3, 12 and 24 in turn, a test run waiting for the lock would
+    otherwise get it between two beds, and the bench would wait for it again.
+
+    The lock is a flock on an open file: a duplicate descriptor of the first bed's
+    keeps it held when that bed's stop() closes its own, and each later bed gets a
+    duplicate as its lock file, so its start() finds the lock taken by itself."""
+
+    def __init__(self) -> None:
+        self._held: int | None = None
+
+    def give(self, bed: Testbed, results: Results) -> None:
+        if self._held is None:
+            waiting = time.monotonic()
+            bed._take_machine_lock()
+            results.lock_wait += time.monotonic() - waiting
+            assert bed._lock_file is not None
+            self._held = os.dup(bed._lock_file.fileno())
+        else:
+            bed._lock_file = os.fdopen(os.dup(self._held), "a")
+
+    def release(self) -> None:
+        if self._held is not None:
+            os.close(self._held)
+            self._held = None
+
+
 @contextmanager
-def test_bed(workdir: Path, instances: int, results: Results) -> Iterator[Testbed]:
+def test_bed(workdir: Path, instances: int, results: Results, lock: MachineLock) -> Iterator[Testbed]:
     """A started bed of `instances`; its start-up is reported apart from the rollouts."""
     bed = Testbed(workdir / f"bed-{instances}", instances=instances)
     say(f"starting a test bed of {instances} instances (waits if another bed holds the machine lock)")
     # Take the machine-wide lock first (start() would too, idempotently) so that
     # waiting for another engineer's bed is not counted as start-up time.
-    waiting = time.monotonic()
-    bed._take_machine_lock()
-    results.lock_wait += time.monotonic() - waiting
+    lock.give(bed, results)
     began = time.monotonic()
     bed.start()
     results.bed_startup[instances] = time.monotonic() - began
@@ -331,17 +357,21 @@ def main(argv: list[str] | None = None) -> int:
 
     say("starting a temporary Prefect server (paid once, reported apart)")
     began = time.monotonic()
+    lock = MachineLock()
     with prefect_test_harness(server_startup_timeout=120):
         results.prefect_startup = time.monotonic() - began
         say(f"Prefect server up in {results.prefect_startup:.1f} s")
-        for size in sizes:
-            with test_bed(args.workdir, size, results) as bed:
-                if size == 3 and args.surge:
-                    suite.surge_on_small_bed(bed)
-                elif size == 3:
-                    suite.on_small_bed(bed, args.quick, args.compose_rollout_only)
-                else:
-                    suite.scale(bed, in_place=not args.surge)
+        try:
+            for size in sizes:
+                with test_bed(args.workdir, size, results, lock) as bed:
+                    if size == 3 and args.surge:
+                        suite.surge_on_small_bed(bed)
+                    elif size == 3:
+                        suite.on_small_bed(bed, args.quick, args.compose_rollout_only)
+                    else:
+                        suite.scale(bed, in_place=not args.surge)
+        finally:
+            lock.release()
     results.finished = time.time()
     (args.workdir / "results.pickle").write_bytes(pickle.dumps(results))
     report.write(results, args.out, args.plot)
