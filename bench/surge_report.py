@@ -151,6 +151,16 @@ def findings(results: Results) -> list[str]:
             + ", ".join(f"{name(r)} **{r.capacity_lost:.1f} s**" for r in at_3)
             + "."
         )
+    for batch in ("1", "100%"):
+        walls = sorted(
+            (r.instances, r.wall) for r in results.runs if r.strategy == "surge" and r.batch == batch and r.ok
+        )
+        if len(walls) > 1:
+            bullets.append(
+                f"Surge wall time, batch {batch}: "
+                + ", ".join(f"{n} instances {wall:.1f} s" for n, wall in walls)
+                + f" ({walls[-1][1] / walls[0][1]:.1f}x from {walls[0][0]} to {walls[-1][0]})."
+            )
     judged = [t for t in targets(results) if t.passed is not None]
     if judged:
         bullets.append(
