@@ -7,6 +7,12 @@ change of a server's operational state (check UP/DOWN), admin state (ready, drai
 maint) and session count. From that: when each server left rotation, when its last
 session ended, when HAProxy saw it DOWN and UP again, and when it was back in rotation.
 Resolution is the poll interval (50 ms), identical for every runner.
+
+The same polls give *capacity*: per poll, the servers HAProxy sends requests to, by the
+test bed's one definition (`compose_rollout.testbed.capacity.takes_requests`), whoever
+added them. The backend's servers may change during a run: a surge adds `NAME-surge`
+and deletes it again. A server that appears mid-run is *joining* until it is first in
+rotation (not an outage); one that disappears stops being counted from that poll on.
 """
 
 from __future__ import annotations
@@ -14,8 +20,11 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 from compose_rollout.testbed import HaproxyAdmin
+from compose_rollout.testbed.capacity import Sample as ServingSample
+from compose_rollout.testbed.capacity import takes_requests
 
 OP_RUNNING = 2
 ADMIN_MAINT = 0x01 | 0x02 | 0x20
@@ -74,6 +83,10 @@ class LbMonitor:
     backend: str
     interval: float = 0.05
     samples: dict[str, list[Sample]] = field(default_factory=dict)
+    # Per poll (all of them, not changes only): which servers took requests.
+    serving: list[ServingSample] = field(default_factory=list)
+    # Servers that were in the backend and then were not, and the poll that saw them gone.
+    gone: dict[str, float] = field(default_factory=dict)
     errors: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -84,7 +97,7 @@ class LbMonitor:
         return {k: v for k, v in self.__dict__.items() if k not in ("_stop", "_thread")}
 
     def __setstate__(self, state: dict[str, object]) -> None:
-        self.__dict__.update(state)
+        self.__dict__.update({"serving": [], "gone": {}} | state)  # results saved before these existed
         self._stop = threading.Event()
         self._thread = None
 
@@ -102,7 +115,11 @@ class LbMonitor:
         now = time.time()
         states = self.admin.show_servers_state(self.backend)
         stats = self.admin.server_stats(self.backend)
+        self.serving.append(ServingSample(now, frozenset(n for n, row in stats.items() if takes_requests(row))))
+        for name in self.samples.keys() - states.keys():
+            self.gone.setdefault(name, now)
         for name, row in states.items():
+            self.gone.pop(name, None)
             sample = Sample(
                 t=now,
                 op_state=int(row["srv_op_state"]),
@@ -128,10 +145,16 @@ class LbMonitor:
             self._stop.wait(self.interval)
 
     def outages(self, server: str) -> list[Outage]:
-        """Every stretch during which `server` was out of rotation (closed ones only)."""
+        """Every stretch during which `server` was out of rotation (closed ones only),
+        from its first poll in rotation on: a server added mid-run (a surge's) is not
+        out of rotation before it first joined it."""
         found: list[Outage] = []
         current: Outage | None = None
+        joined = False
         for sample in self.samples.get(server, []):
+            joined = joined or sample.in_rotation
+            if not joined:
+                continue
             if current is None:
                 if not sample.in_rotation:
                     current = Outage(server, left=sample.t, back=sample.t, planned=sample.admin_out)
@@ -152,6 +175,20 @@ class LbMonitor:
                 found.append(current)
                 current = None
         return found
+
+    def capacity_lost(self, n: int, began: float, ended: float) -> float:
+        """Seconds within [began, ended] with fewer than `n` servers taking requests:
+        each poll's count holds until the next poll (a failed poll extends the one before)."""
+        return sum(
+            max(0.0, min(later.at, ended) - max(sample.at, began))
+            for sample, later in pairwise(self.serving)
+            if sample.count < n
+        )
+
+    def serving_range(self, began: float, ended: float) -> tuple[int, int] | None:
+        """(fewest, most) servers taking requests at once within [began, ended]."""
+        counts = [s.count for s, later in pairwise(self.serving) if later.at > began and s.at < ended]
+        return (min(counts), max(counts)) if counts else None
 
     def all_outages(self) -> dict[str, list[Outage]]:
         return {server: self.outages(server) for server in sorted(self.samples, key=_natural)}

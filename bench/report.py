@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import surge_report
 from bench.monitor import Outage
 from bench.scenarios import FAST_INTERVAL, FAST_WORKERS, SLOW_SECONDS, SLOW_WORKERS, FloorSample, Results, Run
 
@@ -76,8 +77,13 @@ def summary(results: Results) -> dict[str, Any]:
                 "label": r.label,
                 "instances": r.instances,
                 "batch": r.batch,
+                "strategy": r.strategy,
                 "ok": r.ok,
                 "wall_s": r.wall,
+                "capacity_lost_s": r.capacity_lost,
+                "serving_min_max": r.serving,
+                "servers_left": r.servers_left,
+                "task_seconds": r.task_seconds,
                 "requests": r.requests,
                 "failed": r.failed,
                 "steady_p50_ms": r.steady.p50_ms,
@@ -110,6 +116,7 @@ def summary(results: Results) -> dict[str, Any]:
             }
             for r in results.runs
         ],
+        "targets": [vars(t) for t in surge_report.targets(results)],
         "skipped": results.skipped,
     }
 
@@ -245,11 +252,17 @@ def findings(results: Results) -> list[str]:
             )
         bullets.append(text + ".")
     peers = [r for r in runs if r.label == "v1 → v2" and r.instances == 3 and r.ok]
+    peers += [r for r in runs if r.strategy == "surge" and r.instances == 3 and r.ok]
     if len(peers) > 1:
         bullets.append(
             "Wall time for 3 instances: "
             + ", ".join(
-                f"{r.runner} {r.wall:.1f} s ({(r.wall - inherent_seconds(r, floor)) / r.wall * 100:.0f} % overhead)"
+                f"{surge_report.name(r)} {r.wall:.1f} s"
+                + (
+                    f" ({(r.wall - inherent_seconds(r, floor)) / r.wall * 100:.0f} % overhead)"
+                    if results.floor and r.strategy != "surge"
+                    else ""
+                )
                 for r in peers
             )
             + "."
@@ -258,7 +271,11 @@ def findings(results: Results) -> list[str]:
         (
             r
             for r in runs
-            if r.runner == "compose-rollout" and r.ok and r.batch == "1" and r.label in ("scale", "v1 → v2")
+            if r.runner == "compose-rollout"
+            and r.ok
+            and r.batch == "1"
+            and r.strategy == "in-place"
+            and r.label in ("scale", "v1 → v2")
         ),
         key=lambda r: r.instances,
     )
@@ -269,6 +286,7 @@ def findings(results: Results) -> list[str]:
             + f"; {task_runs_total(scale[-1]) / scale[-1].instances:.0f} Prefect task runs and "
             f"{ssh_range(scale[-1])} SSH login per host whatever the size."
         )
+    bullets.extend(surge_report.findings(results))
     return bullets
 
 
@@ -277,7 +295,10 @@ def render(results: Results, plot_name: str) -> str:
     floor = floor_seconds(results.floor)
     runs = results.runs
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(results.started))
-    minutes = (results.finished - results.started) / 60
+    minutes = (results.finished - results.started - results.lock_wait) / 60
+    waited = (
+        f" (not counting {results.lock_wait / 60:.1f} min waiting for another test bed)" if results.lock_wait else ""
+    )
     out: list[str] = []
     add = out.append
     add("# Benchmarks")
@@ -290,8 +311,9 @@ def render(results: Results, plot_name: str) -> str:
     add(f"```sh\n{results.command}\n```")
     add("")
     add(
-        f"Run on {when}; the whole suite took {minutes:.1f} min. "
+        f"Run on {when}; the whole suite took {minutes:.1f} min{waited}. "
         f"{'This is the `--quick` subset. ' if results.quick else ''}"
+        f"{'This is the `--surge` subset (the rows the surge strategy is judged by). ' if results.surge_only else ''}"
         "Not part of `./dev test`: speed is measured here, never in timed tests."
     )
     add("")
@@ -347,6 +369,7 @@ def render(results: Results, plot_name: str) -> str:
                 f"{_s(run.steady.p50_ms)} / {_s(run.steady.p99_ms)}",
                 f"{_s(run.during.p50_ms)} / {_s(run.during.p99_ms)}",
                 f"{_s(run.during.max_ms, 0)}",
+                _s(run.capacity_lost, 2),
                 str(len(run.unplanned())),
             ]
         )
@@ -362,6 +385,7 @@ def render(results: Results, plot_name: str) -> str:
                 "p50 / p99 ms steady",
                 "p50 / p99 ms during",
                 "max ms during",
+                "capacity lost s",
                 "HAProxy check DOWN blips",
             ],
             rows,
@@ -423,6 +447,8 @@ def render(results: Results, plot_name: str) -> str:
         )
         add("")
 
+    out.extend(surge_report.section(results))
+
     # 2. out of rotation vs floor ---------------------------------------------------------
     add("## 2. Time out of rotation per instance vs. its floor")
     add("")
@@ -463,7 +489,13 @@ def render(results: Results, plot_name: str) -> str:
         add("")
         rows = []
         for run in runs:
-            if run.runner == "floor probe" or "broken" in run.label or not run.ok or run.lb != "haproxy":
+            if (
+                run.runner == "floor probe"
+                or "broken" in run.label
+                or not run.ok
+                or run.lb != "haproxy"
+                or run.strategy == "surge"  # its own server leaves rotation with its twin serving: 1c
+            ):
                 continue
             outs = run.out_of_rotation()
             drains = run.drain_waits()
@@ -531,8 +563,8 @@ def render(results: Results, plot_name: str) -> str:
     add("")
     rows = []
     for run in runs:
-        if run.runner == "floor probe" or not run.ok:
-            continue
+        if run.runner == "floor probe" or not run.ok or run.strategy == "surge":
+            continue  # surge restarts nothing out of rotation: its time is in 1c
         waits = inherent_seconds(run, floor)
         first = run.first_drain()
         rows.append(
@@ -572,19 +604,20 @@ def render(results: Results, plot_name: str) -> str:
     add("")
 
     # 4. peers ---------------------------------------------------------------------------
-    add("## 4. Against the peers (same fleet, same load, v1 → v2, 3 instances, one at a time)")
+    add("## 4. Against the peers (same fleet, same load, v1 → v2, 3 instances, one at a time unless said)")
     add("")
     rows = []
     for run in runs:
-        if run.label != "v1 → v2" or run.instances != 3:
+        if not (run.label == "v1 → v2" or run.strategy == "surge") or run.instances != 3:
             continue
         outs = run.out_of_rotation()
         rows.append(
             [
-                run.runner,
+                surge_report.name(run),
                 "yes" if run.ok and run.fleet_on_target else "**no**",
                 _s(run.wall),
                 f"{_s(mean(outs), 1)} (max {_s(max(outs, default=0), 1)})",
+                _s(run.capacity_lost, 1),
                 f"**{run.failed}**",
                 ssh_range(run),
                 "yes" if run.runner == "compose-rollout" else "no",
@@ -597,6 +630,7 @@ def render(results: Results, plot_name: str) -> str:
                 "fleet on v2, all UP",
                 "wall s",
                 "out of rotation s per instance",
+                "capacity lost s",
                 "failed requests",
                 "SSH logins per host",
                 "rolls back on failure",
@@ -643,27 +677,30 @@ def render(results: Results, plot_name: str) -> str:
         for r in runs
         if r.runner == "compose-rollout"
         and r.ok
-        and (r.label == "scale" or (r.label == "v1 → v2" and r.instances == 3))
+        and (r.label in ("scale", "surge") or (r.label == "v1 → v2" and r.instances == 3))
     ]
-    base: dict[str, float] = {}
+    base: dict[tuple[str, str], float] = {}
     for run in scale_runs:
         if run.instances == 3:
-            base.setdefault(run.batch, run.wall)
+            base.setdefault((run.strategy, run.batch), run.wall)
     rows = []
-    for run in sorted(scale_runs, key=lambda r: (r.batch, r.instances)):
+    for run in sorted(scale_runs, key=lambda r: (r.strategy, r.batch, r.instances)):
+        key = (run.strategy, run.batch)
         per_instance = run.wall / run.instances
         total_tasks = task_runs_total(run)
         batch_size = max(1, run.instances * int(run.batch[:-1]) // 100) if run.batch.endswith("%") else int(run.batch)
         rows.append(
             [
+                run.strategy,
                 str(run.instances),
                 f"{run.batch} (= {batch_size})" if run.batch.endswith("%") else run.batch,
                 _s(run.wall),
                 _s(per_instance, 2),
-                f"{run.wall / base[run.batch]:.1f}x" if run.batch in base else "-",
+                f"{run.wall / base[key]:.1f}x" if key in base else "-",
                 _s(run.flow_phases()[0]),
-                _s(run.flow_phases()[1]),
+                _s(run.flow_phases()[1]) if run.strategy != "surge" else "-",
                 _s(mean(run.out_of_rotation()), 1),
+                _s(run.capacity_lost, 2),
                 f"{total_tasks} ({total_tasks / run.instances:.1f})" if total_tasks else "-",
                 ssh_range(run),
                 str(run.failed),
@@ -672,6 +709,7 @@ def render(results: Results, plot_name: str) -> str:
     add(
         _table(
             [
+                "strategy",
                 "instances",
                 "batch",
                 "wall s",
@@ -680,6 +718,7 @@ def render(results: Results, plot_name: str) -> str:
                 "flow start s",
                 "preflight + pre-pull s",
                 "out of rotation s (mean)",
+                "capacity lost s",
                 "Prefect task runs (per instance)",
                 "SSH logins per host",
                 "failed requests",
@@ -697,8 +736,10 @@ def render(results: Results, plot_name: str) -> str:
     add("")
     add(
         "*flow start*: from calling the flow until its run ledger exists (flow run created in the "
-        "Prefect API, fleet file loaded); *preflight + pre-pull*: from then until the first drain. "
-        "Both from the run journal."
+        "Prefect API, fleet file loaded); *preflight + pre-pull*: from then until the first drain "
+        "(in place only: a surge drains late, after its new container is in rotation; see 1c for its "
+        "steps). Both from the run journal. With surge, *out of rotation* is the instance's own server "
+        "while its `-surge` twin serves."
     )
     add("")
     example = next((r for r in scale_runs if r.task_runs), None)

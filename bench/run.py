@@ -7,10 +7,17 @@ and rewrites BENCHMARKS.md and bench/timeline.png:
 2. time out of rotation per instance vs. its floor (restart + ready + LB rise);
 3. orchestration overhead (wall time minus the inherent waits);
 4. the peers: the seed procedure by hand (shell) and an Ansible playbook;
-5. scale: 3, 12 and 24 instances, batch 1 and 25 %.
+5. scale: 3, 12 and 24 instances, batch 1 and 25 % in place, batch 1 and 100 % with
+   the surge strategy.
 
-`--quick` does a subset (3 instances, no Ansible, no 12/24) in a few minutes.
-Not part of the test run: speed is measured here, never in timed tests.
+Every measured rollout also reports its *capacity lost*: seconds with fewer servers
+taking requests than instances (HAProxy's view, the same for every runner).
+
+`--quick` does a subset (3 instances, no Ansible, no 12/24) in a few minutes and writes
+bench/BENCHMARKS-quick.md. `--surge` does what the surge strategy is judged by (in
+place, shell script, Ansible and surge at 3 instances, surge alone at 12 and 24) and
+writes bench/BENCHMARKS-surge.md. Not part of the test run: speed is measured here,
+never in timed tests.
 """
 
 from __future__ import annotations
@@ -57,19 +64,51 @@ from compose_rollout.testbed.fronts import FRONTS  # noqa: E402
 
 log = logging.getLogger("bench")
 
+# Surge is measured one instance at a time and with the whole fleet at once (which only
+# surge allows: nothing leaves rotation).
+SURGE_BATCHES = ("1", "100%")
+
 
 def say(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+class MachineLock:
+    """The machine-wide test bed lock, taken by the first bed and kept until the run
+    ends: with beds of 3, 12 and 24 in turn, a test run waiting for the lock would
+    otherwise get it between two beds, and the bench would wait for it again.
+
+    The lock is a flock on an open file: a duplicate descriptor of the first bed's
+    keeps it held when that bed's stop() closes its own, and each later bed gets a
+    duplicate as its lock file, so its start() finds the lock taken by itself."""
+
+    def __init__(self) -> None:
+        self._held: int | None = None
+
+    def give(self, bed: Testbed, results: Results) -> None:
+        if self._held is None:
+            waiting = time.monotonic()
+            bed._take_machine_lock()
+            results.lock_wait += time.monotonic() - waiting
+            assert bed._lock_file is not None
+            self._held = os.dup(bed._lock_file.fileno())
+        else:
+            bed._lock_file = os.fdopen(os.dup(self._held), "a")
+
+    def release(self) -> None:
+        if self._held is not None:
+            os.close(self._held)
+            self._held = None
+
+
 @contextmanager
-def test_bed(workdir: Path, instances: int, results: Results) -> Iterator[Testbed]:
+def test_bed(workdir: Path, instances: int, results: Results, lock: MachineLock) -> Iterator[Testbed]:
     """A started bed of `instances`; its start-up is reported apart from the rollouts."""
     bed = Testbed(workdir / f"bed-{instances}", instances=instances)
     say(f"starting a test bed of {instances} instances (waits if another bed holds the machine lock)")
     # Take the machine-wide lock first (start() would too, idempotently) so that
     # waiting for another engineer's bed is not counted as start-up time.
-    bed._take_machine_lock()
+    lock.give(bed, results)
     began = time.monotonic()
     bed.start()
     results.bed_startup[instances] = time.monotonic() - began
@@ -97,8 +136,9 @@ class Suite:
     def _record(self, run: Run) -> Run:
         self.results.runs.append(run)
         failed = f", {run.failed} failed requests" if run.failed else ", 0 failed requests"
+        lost = f", capacity lost {run.capacity_lost:.2f} s" if run.capacity_lost is not None else ""
         state = "ok" if run.ok else f"FAILED: {run.error[:300]}"
-        say(f"  {run.runner} / {run.label}: {run.wall:.1f} s{failed}; {state}")
+        say(f"  {run.runner} / {run.label}: {run.wall:.1f} s{failed}{lost}; {state}")
         return run
 
     def compose_rollout(
@@ -109,16 +149,22 @@ class Suite:
         batch: str = "1",
         keep_series: bool = False,
         lb: str = "haproxy",
+        strategy: str = "in-place",
         **overrides: object,
     ) -> Run:
-        """One `rolling-deploy` flow run under load through the LB of kind `lb`."""
+        """One `rolling-deploy` flow run under load through the LB of kind `lb`.
+
+        The surge strategy needs a published host port range: the bed switches to it
+        after the reset (which puts the fixed port back for every other run)."""
         bed.reset()
+        if strategy == "surge":
+            bed.publish_port_range()
         batch_value: int | str = int(batch) if batch.isdigit() else batch
         fleet, state = self.fleet_file(
-            bed, f"{label}-{len(bed.instances)}".replace(" ", "-").replace("%", "pct"),
-            lb=lb, rollout={"batch_size": batch_value}, **overrides,
+            bed, f"{label}-{len(bed.instances)}-{batch}".replace(" ", "-").replace("%", "pct"),
+            lb=lb, rollout={"batch_size": batch_value, "strategy": strategy}, **overrides,
         )  # fmt: skip
-        say(f"compose-rollout: {label} ({len(bed.instances)} instances, batch {batch})")
+        say(f"compose-rollout: {label} ({len(bed.instances)} instances, batch {batch}, {strategy})")
         run = measure(
             bed,
             "compose-rollout",
@@ -128,10 +174,16 @@ class Suite:
             steady_seconds=self.steady,
             keep_series=keep_series,
             lb=lb,
+            strategy=strategy,
         )
         attach_flow_details(run, state)
         run.fleet_on_target = fleet_on(bed, tag if run.ok else bed.initial_tag)
         return self._record(run)
+
+    def surge(self, bed: Testbed) -> None:
+        """The surge strategy, one instance at a time and the whole fleet at once."""
+        for batch in SURGE_BATCHES:
+            self.compose_rollout(bed, "surge", "v2", batch=batch, strategy="surge")
 
     def shell(self, bed: Testbed) -> None:
         self._peer(
@@ -200,6 +252,7 @@ class Suite:
             # For before/after comparisons of core changes: the floor (for the ratios)
             # and compose-rollout's own runs only.
             self.floor(bed)
+            self.surge(bed)
             self.results.skipped.append("rollback run and peers (--compose-rollout-only)")
             if not quick:
                 self.compose_rollout(bed, "scale", "v2", batch="25%")
@@ -221,17 +274,46 @@ class Suite:
                 health={"consecutive_successes": 1, "stabilization_seconds": 0},
             )
             self.compose_rollout(bed, "scale", "v2", batch="25%")
+        # Last on this bed: each surge run switches the bed to the port range.
+        self.surge(bed)
 
-    def scale(self, bed: Testbed) -> None:
-        for batch in ("1", "25%"):
-            self.compose_rollout(bed, "scale", "v2", batch=batch)
+    def surge_on_small_bed(self, bed: Testbed) -> None:
+        """`--surge` on 3 instances: the rows the issue compares surge with, on one
+        fleet under one load (in place, the shell script, Ansible), then surge."""
+        self.results.timeline = self.compose_rollout(bed, "v1 → v2", "v2", keep_series=True)
+        self.shell(bed)
+        self.ansible(bed)
+        self.surge(bed)
+        self.results.skipped.append(
+            "the other LBs, the rollback run, the floor probe and the minimal health policy (--surge)"
+        )
+
+    def scale(self, bed: Testbed, in_place: bool = True) -> None:
+        if in_place:
+            for batch in ("1", "25%"):
+                self.compose_rollout(bed, "scale", "v2", batch=batch)
+        self.surge(bed)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a subset in a few minutes (3 instances, no Ansible)")
-    parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md", help="report to rewrite")
-    parser.add_argument("--plot", type=Path, default=ROOT / "bench" / "timeline.png", help="timeline PNG to rewrite")
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument("--quick", action="store_true", help="a subset in a few minutes (3 instances, no Ansible)")
+    modes.add_argument(
+        "--surge",
+        action="store_true",
+        help="the surge strategy's measurements: in place, shell, Ansible and surge at 3, surge alone at 12 and 24",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="report to rewrite (default: BENCHMARKS.md, bench/BENCHMARKS-quick.md or bench/BENCHMARKS-surge.md)",
+    )
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        help="timeline PNG to rewrite (default: bench/timeline.png, timeline-quick.png or timeline-surge.png)",
+    )
     parser.add_argument("--json", type=Path, help="also write the summary numbers as JSON (to compare runs)")
     parser.add_argument(
         "--workdir", type=Path, default=Path(tempfile.gettempdir()) / "compose-rollout-bench", help="beds and state"
@@ -250,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
         help="only re-render the report from the results.pickle a run saved in its workdir",
     )
     args = parser.parse_args(argv)
+    suffix = "-quick" if args.quick else "-surge" if args.surge else ""
+    args.out = args.out or (ROOT / "bench" / f"BENCHMARKS{suffix}.md" if suffix else ROOT / "BENCHMARKS.md")
+    args.plot = args.plot or ROOT / "bench" / f"timeline{suffix}.png"
     if args.report_from:
         saved: Results = pickle.loads(args.report_from.read_bytes())  # noqa: S301 - our own file
         report.write(saved, args.out, args.plot)
@@ -260,10 +345,11 @@ def main(argv: list[str] | None = None) -> int:
     command = (
         "python -m bench.run"
         + (" --quick" if args.quick else "")
+        + (" --surge" if args.surge else "")
         + (f" --sizes {args.sizes}" if args.sizes else "")
         + (" --compose-rollout-only" if args.compose_rollout_only else "")
     )
-    results = Results(quick=args.quick, command=command)
+    results = Results(quick=args.quick, command=command, surge_only=args.surge)
     args.workdir.mkdir(parents=True, exist_ok=True)
     suite = Suite(results, args.workdir, steady_seconds=5.0)
 
@@ -271,15 +357,21 @@ def main(argv: list[str] | None = None) -> int:
 
     say("starting a temporary Prefect server (paid once, reported apart)")
     began = time.monotonic()
+    lock = MachineLock()
     with prefect_test_harness(server_startup_timeout=120):
         results.prefect_startup = time.monotonic() - began
         say(f"Prefect server up in {results.prefect_startup:.1f} s")
-        for size in sizes:
-            with test_bed(args.workdir, size, results) as bed:
-                if size == 3:
-                    suite.on_small_bed(bed, args.quick, args.compose_rollout_only)
-                else:
-                    suite.scale(bed)
+        try:
+            for size in sizes:
+                with test_bed(args.workdir, size, results, lock) as bed:
+                    if size == 3 and args.surge:
+                        suite.surge_on_small_bed(bed)
+                    elif size == 3:
+                        suite.on_small_bed(bed, args.quick, args.compose_rollout_only)
+                    else:
+                        suite.scale(bed, in_place=not args.surge)
+        finally:
+            lock.release()
     results.finished = time.time()
     (args.workdir / "results.pickle").write_bytes(pickle.dumps(results))
     report.write(results, args.out, args.plot)

@@ -60,6 +60,17 @@ class Run:
     journal: dict[str, Any] | None = None
     fleet_on_target: bool | None = None
     lb: str = "haproxy"  # the LB the load went through (the monitor watches HAProxy only)
+    strategy: str = "in-place"  # compose-rollout's rollout.strategy (the peers replace in place)
+    # Seconds of the rollout with fewer servers taking requests than instances, and the
+    # fewest / most servers taking requests at once (HAProxy's view; None behind another LB).
+    capacity_lost: float | None = None
+    serving: tuple[int, int] | None = None
+    servers_left: list[str] = field(default_factory=list)  # servers the run added and did not delete
+    task_seconds: dict[str, float] = field(default_factory=dict)  # task run time by task name, summed
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Results saved before a field existed re-render with its default.
+        self.__dict__.update({"servers_left": [], "task_seconds": {}} | state)
 
     @property
     def wall(self) -> float:
@@ -110,10 +121,12 @@ def measure(
     tail_seconds: float = 1.5,
     keep_series: bool = False,
     lb: str = "haproxy",
+    strategy: str = "in-place",
 ) -> Run:
     """Run `action` under load through the LB of kind `lb` with the HAProxy monitor on;
     see the module docstring."""
     logins = {i.name: bed.ssh_logins(i.name) for i in bed.instances}
+    own_servers = {i.lb_server for i in bed.instances}
     monitor = LbMonitor(bed.admin, bed.lb_backend)
     load = LoadRun(
         bed.lb_url_of(lb),
@@ -144,6 +157,8 @@ def measure(
     # The first half second of load warms connections up; keep it out of "steady".
     steady = result.window(load_started + 0.5, began)
     during = result.window(began, ended)
+    # Capacity is HAProxy's view: behind another LB HAProxy takes no requests, so none is measured.
+    watched = lb == "haproxy"
     return Run(
         runner=runner,
         label=label,
@@ -163,6 +178,10 @@ def measure(
         monitor=monitor if keep_series else None,
         journal={"flow_run_id": outcome.flow_run_id} if outcome.flow_run_id else None,
         lb=lb,
+        strategy=strategy,
+        capacity_lost=monitor.capacity_lost(len(bed.instances), began, ended) if watched else None,
+        serving=monitor.serving_range(began, ended) if watched else None,
+        servers_left=sorted(set(bed.haproxy_server_states()) - own_servers),
     )
 
 
@@ -195,11 +214,12 @@ def attach_flow_details(run: Run, state_directory: Path, fleet: str = "demo") ->
         for record in data["records"]:
             record.pop("original", None)  # compose bytes: not needed for timing
         run.journal = {"flow_run_id": flow_run_id, **data}
-    run.task_runs = count_task_runs(flow_run_id)
+    run.task_runs, run.task_seconds = count_task_runs(flow_run_id)
 
 
-def count_task_runs(flow_run_id: str, settle_seconds: float = 20.0) -> dict[str, int]:
-    """Task runs of one flow run by task name (instance suffix stripped), from the API.
+def count_task_runs(flow_run_id: str, settle_seconds: float = 20.0) -> tuple[dict[str, int], dict[str, float]]:
+    """Task runs of one flow run by task name (instance suffix stripped), and their run
+    time (start to end) summed by task name, from the API.
 
     Prefect 3 ships task-run states as events the server writes asynchronously, so
     the count is read until it stops changing (bounded by `settle_seconds`)."""
@@ -214,15 +234,22 @@ def count_task_runs(flow_run_id: str, settle_seconds: float = 20.0) -> dict[str,
     with get_client(sync_client=True) as client:
         while True:
             names: Counter[str] = Counter()
+            seconds: dict[str, float] = {}
             offset = 0
             while True:
                 page = client.read_task_runs(flow_run_filter=flt, limit=200, offset=offset)
-                names.update(re.sub(r"-app-\d+$", "", task_run.name) for task_run in page)
+                for task_run in page:
+                    name = re.sub(r"-app-\d+$", "", task_run.name)
+                    names[name] += 1
+                    if task_run.start_time is not None and task_run.end_time is not None:
+                        seconds[name] = (
+                            seconds.get(name, 0.0) + (task_run.end_time - task_run.start_time).total_seconds()
+                        )
                 if len(page) < 200:
                     break
                 offset += 200
             if (previous is not None and names == previous) or time.monotonic() >= deadline:
-                return dict(names)
+                return dict(names), dict(seconds)
             previous = names
             time.sleep(1.0)
 
@@ -313,14 +340,26 @@ class Results:
 
     quick: bool
     command: str
+    surge_only: bool = False  # `--surge`: the runs the surge strategy is compared with, and surge
     started: float = field(default_factory=time.time)
     finished: float = 0.0
     prefect_startup: float = 0.0
     bed_startup: dict[int, float] = field(default_factory=dict)
+    lock_wait: float = 0.0  # seconds waiting for another test bed to release the machine
     runs: list[Run] = field(default_factory=list)
     floor: list[FloorSample] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     timeline: Run | None = None
 
-    def find(self, runner: str, label: str) -> Run | None:
-        return next((r for r in self.runs if r.runner == runner and r.label == label), None)
+    def find(self, runner: str, label: str, instances: int | None = None, batch: str | None = None) -> Run | None:
+        return next(
+            (
+                r
+                for r in self.runs
+                if r.runner == runner
+                and r.label == label
+                and instances in (None, r.instances)
+                and batch in (None, r.batch)
+            ),
+            None,
+        )
