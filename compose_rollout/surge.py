@@ -4,8 +4,8 @@ Per instance (each verb a step of the flow, recorded write-ahead in the ledger):
 
     set image → start second (`up --no-recreate --scale SERVICE=2`) → await healthy on the
     port Docker gave it → add its server to the LB (`<lb_server>-surge`) → await LB up →
-    ready → drain the old server → wait for its sessions → remove the old container →
-    move the old server to the new port → await LB up → ready → retire the surge server
+    ready → drain the instance's own server → wait for its sessions → move it to the new
+    port → await LB up → ready → remove the old container → retire the surge server
 
 The instance's own server (`lb_server`) ends pointing at the container that runs, so the
 fleet file keeps naming it. At every moment one of the two servers takes requests.
@@ -188,11 +188,20 @@ def move(ctx: Context, instance: Instance, ledger: Ledger) -> None:
     """Point the instance's own server (drained, no sessions) at the new container.
 
     No re-check: the LB's own check of the surge server, at this same address and port,
-    already saw the new container UP after it started."""
+    already saw the new container UP; the server keeps its UP state and is checked at the
+    new port from now on (the old container still runs, so no check ever fails on the way)."""
     record = ledger[instance.name]
     ledger.update(instance.name, moved=True)
     adds_servers(ctx).move_server(instance.lb_server, record.surge_port)
     ledger.update(instance.name, port=record.surge_port)
+
+
+def move_back(ctx: Context, instance: Instance, ledger: Ledger) -> None:
+    """Rollback: point the instance's own server at the old container again (still running)."""
+    record = ledger[instance.name]
+    port = port_of(ctx, instance, record.old_container, record.container_port)
+    adds_servers(ctx).move_server(instance.lb_server, port)
+    ledger.update(instance.name, port=port, moved=False)
 
 
 def unregister(ctx: Context, instance: Instance, ledger: Ledger) -> None:

@@ -147,9 +147,13 @@ def _surge_instance(
     _step(ledger, instance, "surge-ready", cancel, steps.surge_ready, ctx, instance, ledger)
     _step(ledger, instance, "drain", cancel, steps.drain, ctx, instance, ledger)
     _step(ledger, instance, "wait-for-sessions", cancel, steps.wait_for_sessions, ctx, instance, ledger)
-    _step(ledger, instance, "remove-old", cancel, steps.remove_old, ctx, instance, ledger)
+    # The own server moves to the new container while the old one still runs: its checks
+    # never see a removed container, so it is UP when it goes back in rotation, before
+    # the surge server leaves (else that instance has no server taking requests a moment).
     _step(ledger, instance, "move-server", cancel, steps.move_server, ctx, instance, ledger)
+    _step(ledger, instance, "await-lb-up", cancel, steps.await_lb_up, ctx, instance)
     _step(ledger, instance, "enable", cancel, steps.enable, ctx, instance, ledger)
+    _step(ledger, instance, "remove-old", cancel, steps.remove_old, ctx, instance, ledger)
     _step(ledger, instance, "remove-surge-server", cancel, steps.remove_surge_server, ctx, instance, ledger)
     if ctx.fleet.health.watch_seconds > 0:
         _step(ledger, instance, "watch-responses", cancel, steps.watch_responses, ctx, instance, ledger)
@@ -167,7 +171,9 @@ def _undo_surge(ctx: Context, instance: str, ledger: Ledger) -> bool:
         _step(ledger, instance, f"rollback: {step}", never, call, ctx, instance, ledger)
 
     if not record.old_removed:
-        if record.drained:  # the instance's own server still sends to the old container
+        if record.moved:  # back to the old container, which still runs
+            undo("move-back", steps.move_back)
+        if ledger[instance].drained:  # the instance's own server sends to the old container
             undo("enable", steps.enable)
         undo("remove-surge-server", steps.remove_surge_server)
         undo("remove-second", steps.remove_second)

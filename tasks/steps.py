@@ -202,6 +202,13 @@ def move_server(ctx: Context, instance: str, ledger: Ledger) -> None:
     get_run_logger().info("%s: %s now sends to port %d", instance, server, ledger[instance].surge_port)
 
 
+@task(name="move-back", task_run_name="move-back-{instance}", **SAFE_TO_REPEAT)
+def move_back(ctx: Context, instance: str, ledger: Ledger) -> None:
+    surge.move_back(ctx, ctx.fleet.instance(instance), ledger)
+    server = ctx.fleet.instance(instance).lb_server
+    get_run_logger().info("%s: %s sends to the old container again (port %d)", instance, server, ledger[instance].port)
+
+
 @task(name="remove-surge-server", task_run_name="remove-surge-server-{instance}", **ONCE)
 def remove_surge_server(ctx: Context, instance: str, ledger: Ledger) -> None:
     name = ledger[instance].surge_server
