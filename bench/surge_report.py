@@ -63,6 +63,22 @@ def name(run: Run) -> str:
     return f"compose-rollout, in place: {run.label}" + (f", batch {run.batch}" if run.batch != "1" else "")
 
 
+def enabled_before_up(run: Run) -> int | None:
+    """Surge only: instances whose own server was put back (`enable`, journal) before
+    HAProxy's check saw it UP again at the new port (monitor). Its check fails while it
+    still points at the removed old container; if the `-surge` twin is drained before
+    the own server rises again, the instance has no server taking requests."""
+    if run.strategy != "surge" or not run.journal:
+        return None
+    late = 0
+    for record in run.journal.get("records", []):
+        enabled = record.get("enabled_at")
+        planned = [o for o in run.outages.get(record["name"], []) if o.planned and o.up_at is not None]
+        if enabled is not None and any(o.left <= enabled < o.up_at for o in planned):
+            late += 1
+    return late
+
+
 def surge_run(results: Results, instances: int, batch: str) -> Run | None:
     return next(
         (r for r in results.runs if r.strategy == "surge" and r.instances == instances and r.batch == batch), None
@@ -210,6 +226,8 @@ def section(results: Results) -> list[str]:
                 f"**{run.capacity_lost:.2f}**" if run.capacity_lost is not None else "-",
                 f"{lowest}-{highest} of {run.instances}",
                 _s(_mean(outs), 1) if outs else "0",
+                "-" if (late := enabled_before_up(run)) is None else f"{late} of {run.instances}",
+                str(len(run.unplanned())),
                 str(run.failed),
                 ", ".join(run.servers_left) or "none",
             ]
@@ -224,6 +242,8 @@ def section(results: Results) -> list[str]:
                 "capacity lost s",
                 "servers taking requests",
                 "own server out of rotation s (mean)",
+                "own server put back before UP",
+                "HAProxy check DOWN blips",
                 "failed requests",
                 "added servers left in HAProxy",
             ],
@@ -233,7 +253,13 @@ def section(results: Results) -> list[str]:
     out.append("")
     out.append(
         "With surge, *own server out of rotation* is the instance's own HAProxy server while it is "
-        "drained, moved to the new container's port and put back; its `-surge` twin serves meanwhile."
+        "drained, moved to the new container's port and put back; its `-surge` twin serves meanwhile. "
+        "*Own server put back before UP*: instances whose own server was enabled (journal) before "
+        "HAProxy's check saw it UP again (monitor): its checks fail between `remove-old` and "
+        "`move-server` (it still points at the removed container), and the flow does not await it UP "
+        "before `remove-surge-server` drains the twin, so capacity is lost whenever the twin goes "
+        "first. *HAProxy check DOWN blips*: a server taken out by HAProxy's own check, nobody having "
+        "drained it (checks timing out on the saturated 2-core machine); also capacity lost."
     )
     out.append("")
     out.append("**The issue's targets** (this machine):")
