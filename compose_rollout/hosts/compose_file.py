@@ -49,8 +49,8 @@ def services_of(text: str, where: str = "compose file") -> dict[str, Any]:
     return services
 
 
-def image_value(text: str, service: str, where: str = "compose file") -> str:
-    """The `image:` value of `service` as written (variables not interpolated)."""
+def _image_of(text: str, service: str, where: str) -> tuple[Any, Any]:
+    """(the service's definition, its `image:` value as parsed); ConfigError if absent."""
     services = services_of(text, where)
     if service not in services:
         known = ", ".join(str(name) for name in services) or "none"
@@ -61,21 +61,17 @@ def image_value(text: str, service: str, where: str = "compose file") -> str:
     value = definition["image"]
     if not isinstance(value, str):
         raise ConfigError(f"{where}: service {service!r} has a non-string image {value!r}")
-    return str(value)
+    return definition, value
+
+
+def image_value(text: str, service: str, where: str = "compose file") -> str:
+    """The `image:` value of `service` as written (variables not interpolated)."""
+    return str(_image_of(text, service, where)[1])
 
 
 def locate_image(text: str, service: str, where: str = "compose file") -> ImageValue:
     """Find the literal `image:` value of `service`; ConfigError if absent or not literal."""
-    services = services_of(text, where)
-    if service not in services:
-        known = ", ".join(str(name) for name in services) or "none"
-        raise ConfigError(f"{where}: has no service {service!r} (services: {known})")
-    definition = services[service]
-    if not isinstance(definition, dict) or "image" not in definition:
-        raise ConfigError(f"{where}: service {service!r} has no `image:` key")
-    value = definition["image"]
-    if not isinstance(value, str):
-        raise ConfigError(f"{where}: service {service!r} has a non-string image {value!r}")
+    definition, value = _image_of(text, service, where)
     anchor = getattr(value, "anchor", None)
     if anchor is not None and anchor.value is not None:
         raise ConfigError(f"{where}: the image of {service!r} is a YAML anchor; edit it by hand")
@@ -84,9 +80,9 @@ def locate_image(text: str, service: str, where: str = "compose file") -> ImageV
             f"{where}: the image of {service!r} uses a variable ({value}); only a tag set in .env "
             "(REPOSITORY:${VAR}) can be changed"
         )
-    if "image" not in definition.lc.data:  # type: ignore[attr-defined]  # ruamel's CommentedMap
+    if "image" not in definition.lc.data:
         raise ConfigError(f"{where}: the image of {service!r} comes from a merge key (<<); edit it by hand")
-    line, column = definition.lc.value("image")  # type: ignore[attr-defined]  # ruamel's CommentedMap
+    line, column = definition.lc.value("image")
     lines = text.splitlines(keepends=True)
     offset = sum(len(previous) for previous in lines[:line]) + column
     quote = text[offset] if text[offset] in "'\"" else ""
