@@ -172,6 +172,9 @@ def _undo_surge(ctx: Context, instance: str, ledger: Ledger) -> bool:
 
     if not record.old_removed:
         if record.moved:  # back to the old container, which still runs
+            if not record.drained:  # let what it sent to the new container finish first
+                undo("drain", steps.drain)
+                undo("wait-for-sessions", steps.wait_for_sessions)
             undo("move-back", steps.move_back)
         if ledger[instance].drained:  # the instance's own server sends to the old container
             undo("enable", steps.enable)
