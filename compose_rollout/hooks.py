@@ -29,7 +29,7 @@ from prefect.exceptions import MissingContextError
 
 from compose_rollout.config import Hook, Instance
 from compose_rollout.errors import HookFailed
-from compose_rollout.hosts.shell import LocalShell, RemoteShell, Shell
+from compose_rollout.hosts.shell import LocalShell, Shell
 from compose_rollout.state.journal import Ledger
 
 MAX_LOGGED_LINES = 200
@@ -61,8 +61,7 @@ def instance_env(name: str, ledger: Ledger, instance: Instance, health_url: str)
 def run(name: str, hook: Hook, env: dict[str, str], shell: Shell | None = None) -> None:
     """Run one hook; HookFailed (with the last lines of its output) unless it exits 0 in time."""
     shell = shell or LocalShell()
-    for key, value in env.items():
-        env[key] = value.replace("\0", "")  # no environment can hold a NUL
+    env = {key: value.replace("\0", "") for key, value in env.items()}  # no environment can hold a NUL
     outcome = shell.run(name, hook.command, env, hook.timeout_seconds)
     logger = _logger()
     lines = [line for line in (outcome.stdout + "\n" + outcome.stderr).splitlines() if line.strip()]
@@ -76,11 +75,6 @@ def run(name: str, hook: Hook, env: dict[str, str], shell: Shell | None = None) 
         )
     if outcome.exit_code != 0:
         raise HookFailed(f"hook {name} ({where}) exited {outcome.exit_code}; last output:\n{outcome.tail()}")
-
-
-def shell_for(hook: Hook, host: RemoteShell | None) -> Shell:
-    """Where a per-instance hook runs."""
-    return host if hook.run_on == "host" and host is not None else LocalShell()
 
 
 def _logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:

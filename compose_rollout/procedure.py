@@ -326,8 +326,7 @@ def snapshot(ctx: Context, instance: Instance) -> Snapshot:
     if variable is None:
         image = current_image(compose, ctx.fleet.service, where)
         return Snapshot(instance, compose, host.file_mode(instance.compose_path), image, container)
-    env_path, value = _env_tag(ctx, instance, compose, raw, variable)
-    env = host.read_file(env_path)
+    env_path, env, value = _env_tag(ctx, instance, compose, raw, variable)
     return Snapshot(
         instance,
         compose,
@@ -343,8 +342,8 @@ def snapshot(ctx: Context, instance: Instance) -> Snapshot:
 
 def _env_tag(
     ctx: Context, instance: Instance, compose: bytes, raw: str, variable: env_file.TagVariable
-) -> tuple[str, str]:
-    """(path of `.env`, the tag it sets) for an image whose tag is `variable`; ConfigError
+) -> tuple[str, bytes, str]:
+    """(path of `.env`, its bytes, the tag it sets) for an image whose tag is `variable`; ConfigError
     when compose-rollout could not change it there alone."""
     where = f"{instance.name}:{instance.compose_path}"
     lines = env_file.uses(compose.decode("utf-8"), variable.name)
@@ -368,7 +367,7 @@ def _env_tag(
             f"{instance.name}: {variable.name} is set in the environment Compose runs in over SSH, which wins over "
             f"{env_path}: a change there would not take effect; unset it"
         )
-    return env_path, value
+    return env_path, env, value
 
 
 def target_image(fleet: Fleet, tag: str | None, image: str | None) -> ImageRef:
