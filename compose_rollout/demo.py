@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         fleet_file = bed.fleet_file(lb=args.lb)
         url = bed.lb_url_of(args.lb)
         print(f"Fleet file: {fleet_file}\nAll instances run v1. Traffic through {args.lb} at {url} starts now.")
-        traffic = Traffic(url)
+        traffic = Traffic(url, slow_seconds=3)
         traffic.start()
         try:
             rows = rolling_deploy(fleet_file=str(fleet_file), tag=args.tag, triggered_by="demo")

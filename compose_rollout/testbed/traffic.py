@@ -302,7 +302,11 @@ class Traffic:
     """Runs ``python -m compose_rollout.testbed.traffic`` as a child process.
 
     Use start() then stop() (or wait() for a run to end at its duration), or
-    as a context manager (stop() on exit; the result is in ``.result``)."""
+    as a context manager (stop() on exit; the result is in ``.result``).
+
+    Slow requests last 1 s unless asked otherwise: each slow worker always has one in
+    flight, so a drain meets them as often as it would meet longer ones, and every drain
+    and every stop waits less for them (the demo asks for 3 s, to make them visible)."""
 
     def __init__(
         self,
@@ -311,7 +315,7 @@ class Traffic:
         duration_seconds: float = 600,
         fast_workers: int = 4,
         slow_workers: int = 3,
-        slow_seconds: int = 3,
+        slow_seconds: int = 1,
         fast_interval_seconds: float = 0.02,
         request_timeout_seconds: float = 10.0,
         out: Path | None = None,

@@ -284,7 +284,8 @@ class SlowRequests:
             while not all(n > 0 for n in self._in_flight(bed).values()):
                 if len(self._sent) >= limit or time.monotonic() > deadline:
                     raise AssertionError(
-                        f"{len(self._sent)} slow requests never reached every instance: {self._in_flight(bed)}"
+                        f"{len(self._sent)} slow requests never reached every instance: {self._in_flight(bed)}; "
+                        f"the LB's view: {bed.lb_view(lb)}"
                     )
                 self._send_and_see_it_land(bed, url, seconds)
         except BaseException:

@@ -126,7 +126,7 @@ def test_a_surge_rollout_moves_the_fleet_without_losing_a_server_or_a_request(
     # One 10 s request in flight on every instance as the run starts: sent before the load,
     # whose own slow requests would otherwise already count as "one on every instance".
     slow = SlowRequests(bed, 10)
-    traffic = Traffic(bed.lb_url, slow_workers=3, slow_seconds=3)
+    traffic = Traffic(bed.lb_url)
     traffic.start()
     with sampled(bed) as capacity:
         rows = rolling_deploy(fleet_file=fleet, tag="v2", triggered_by="test")
@@ -168,7 +168,7 @@ def test_after_a_surge_status_probes_the_port_each_container_got_and_the_next_su
     assert status.returncode == 0, status.stderr[-2000:]
     assert status.stdout.count("HTTP 200") == 3 and status.stdout.count("UP/READY") == 3, status.stdout
 
-    traffic = Traffic(bed.lb_url, slow_workers=3, slow_seconds=3)
+    traffic = Traffic(bed.lb_url)
     traffic.start()
     with sampled(bed) as capacity:
         rows = rolling_deploy(fleet_file=fleet, tag="v1", triggered_by="test")
@@ -194,7 +194,7 @@ def test_a_broken_image_with_surge_is_rolled_back_and_the_old_container_never_st
     before = look(bed)
     v1 = bed.image_id(f"{bed.image_repository}:v1")
     fleet = fleet_file(bed, tmp_path, rollout=SURGE, health={"timeout_seconds": 8})
-    traffic = Traffic(bed.lb_url, slow_workers=3, slow_seconds=3)
+    traffic = Traffic(bed.lb_url)
     traffic.start()
     with sampled(bed) as capacity, pytest.raises(DeployFailed) as raised:
         rolling_deploy(fleet_file=fleet, tag="broken", triggered_by="test")
