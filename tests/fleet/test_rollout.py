@@ -50,8 +50,8 @@ def observe(bed: Testbed) -> FleetState:
 
 
 # Where a test is not about the health policy, a quick one: two passes 0.25 s apart and
-# half a second of stability (the default takes about 3.5 s per instance).
-FAST_HEALTH = {"consecutive_successes": 2, "interval_seconds": 0.25, "stabilization_seconds": 0.5}
+# a quarter of a second of stability (the default takes about 3.5 s per instance).
+FAST_HEALTH = {"consecutive_successes": 2, "interval_seconds": 0.25, "stabilization_seconds": 0.25}
 
 
 def fleet_file(bed: Testbed, tmp_path: Path, lb: str = "haproxy", **overrides: Any) -> str:
@@ -188,7 +188,8 @@ def test_cli_deploy_exits_0_on_success_and_1_with_a_summary_after_rollback(
     assert {bed.running_image(i.name) for i in bed.instances} == {v2}
 
     before = observe(bed)
-    bad = subprocess.run([*rollout, "--tag", "broken"], env=alone, capture_output=True, text=True, timeout=240)
+    # The session's server this time: the temporary-server path was just proven.
+    bad = subprocess.run([*rollout, "--tag", "broken"], capture_output=True, text=True, timeout=240)
     assert bad.returncode == 1
     summary = next(line for line in bad.stderr.splitlines() if line.startswith("FAILED: "))
     assert summary.startswith("FAILED: Rollout of fleet demo")
