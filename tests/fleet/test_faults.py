@@ -279,6 +279,9 @@ class SlowRequests:
         limit = 3 * len(bed.instances)
         self._pool = ThreadPoolExecutor(max_workers=limit)
         self._sent: list[Future[int]] = []
+        # Every instance healthy and UP first: a container recreated just before (a fixture's)
+        # can still be marked DOWN by HAProxy's next checks, and round robin skips it then.
+        bed.wait_all_up()
         deadline = time.monotonic() + timeout
         try:
             while not all(n > 0 for n in self._in_flight(bed).values()):
