@@ -53,7 +53,7 @@ LOCK_WAIT_SECONDS = 1800
 
 # Top-level entries of the workdir that belong to the bed (removed by stop()
 # unless keep_workdir); anything else a caller put there is left alone.
-_OWNED_ENTRIES = ("hosts", "ssh", "registry", "haproxy", *FRONTS, "lbhost", "image", "logs", "fleet.yml")
+_OWNED_ENTRIES = ("hosts", "ssh", "registry", "haproxy", *FRONTS, "lbhost", "image", "logs", "faults", "fleet.yml")
 # The load balancers a bed can put in front of its instances (HAProxy always runs; the
 # others start on first use, each on its own frontend port).
 LB_KINDS = ("haproxy", *FRONTS)
@@ -385,18 +385,26 @@ class Testbed:
         lines = []
         for instance in [*self.instances, self.lb_host]:
             instance.project_directory.mkdir(parents=True, exist_ok=True)
-            host_key = sshd.generate_key(instance.project_directory / "ssh_host_ed25519_key", f"{instance.name}-host")
+            host_key = sshd.generate_key(self._host_key(instance), f"{instance.name}-host")
             lines.append(sshd.known_hosts_line(instance.address, instance.ssh_port, host_key.with_suffix(".pub")))
-            (instance.project_directory / "sshd_config").write_text(
-                sshd.render_config(
-                    address=instance.address,
-                    port=instance.ssh_port,
-                    host_key=host_key,
-                    pid_file=instance.sshd_pid_file,
-                    authorized_keys=authorized_keys,
-                )
-            )
+            self._sshd_config(instance).write_text(self._render_sshd_config(instance))
         self.known_hosts_file.write_text("\n".join(lines) + "\n")
+
+    def _host_key(self, instance: TestbedInstance) -> Path:
+        return instance.project_directory / "ssh_host_ed25519_key"
+
+    def _sshd_config(self, instance: TestbedInstance) -> Path:
+        return instance.project_directory / "sshd_config"
+
+    def _render_sshd_config(self, instance: TestbedInstance, session_path: str | None = None) -> str:
+        return sshd.render_config(
+            address=instance.address,
+            port=instance.ssh_port,
+            host_key=self._host_key(instance),
+            pid_file=instance.sshd_pid_file,
+            authorized_keys=self.workdir / "ssh" / "authorized_keys",
+            session_path=session_path,
+        )
 
     def front(self, kind: str) -> Front:
         """The LB of `kind` (not HAProxy, which always runs) in front of the instances,
@@ -602,7 +610,7 @@ class Testbed:
                     SSHD,
                     "-D",
                     "-f",
-                    str(instance.project_directory / "sshd_config"),
+                    str(self._sshd_config(instance)),
                     "-E",
                     str(self._logs / f"sshd-{name}.log"),
                 ],
@@ -653,6 +661,25 @@ class Testbed:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+    def break_pulls(self, name: str) -> None:
+        """The instance's host cannot pull: `docker pull` in its SSH sessions fails as a
+        registry refusing that host does (`pull access denied ... may require 'docker
+        login'`, exit 1), and every other docker command works. The engine is shared, so
+        the fault is in the host's sessions: its sshd, restarted, gives them a PATH whose
+        first `docker` refuses pulls. reset() puts the host back."""
+        instance = self.instance(name)
+        real_docker = shutil.which(self.docker, path=sshd.SESSION_PATH)
+        if real_docker is None:
+            raise TestbedError(f"no {self.docker} on the sessions' PATH {sshd.SESSION_PATH}")
+        wrapper = self.workdir / "faults" / name / "docker"
+        wrapper.parent.mkdir(parents=True, exist_ok=True)
+        wrapper.write_text(sshd.render_docker_refusing_pulls(real_docker))
+        wrapper.chmod(0o755)
+        session_path = f"{wrapper.parent}:{sshd.SESSION_PATH}"
+        self._sshd_config(instance).write_text(self._render_sshd_config(instance, session_path))
+        self.stop_sshd(name)  # sshd reads its configuration when it starts
+        self.start_sshd(name)
 
     def ssh_logins(self, name: str) -> int:
         """How many SSH logins the instance's sshd has accepted so far (from its own log)."""
@@ -867,7 +894,8 @@ class Testbed:
 
     def reset(self, timeout: float = 90) -> None:
         """Bring the bed back to the state start() left it in: every daemon
-        running, images and registry tags as built, every compose file as
+        running, every sshd with its own configuration (no fault left in it),
+        images and registry tags as built, every compose file as
         written, every instance running v1 from it, every HAProxy server
         ready and UP. Only what differs is repaired, so a reset of an
         untouched bed costs a few cheap probes."""
@@ -878,8 +906,13 @@ class Testbed:
         if not self.registry_running():
             self.start_registry()
         for instance in [*self.instances, self.lb_host]:
+            config = self._render_sshd_config(instance)
+            if self._sshd_config(instance).read_text() != config:  # a fault in it (break_pulls)
+                self._sshd_config(instance).write_text(config)
+                self.stop_sshd(instance.name)
             if not self.sshd_running(instance.name) or not tcp_accepts(instance.address, instance.ssh_port):
                 self.start_sshd(instance.name)
+        shutil.rmtree(self.workdir / "faults", ignore_errors=True)
         self._ensure_images()
 
         needs_up: set[str] = set()

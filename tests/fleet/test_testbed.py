@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.server
 import json
 import re
+import shlex
 import socket
 import subprocess
 import threading
@@ -21,6 +22,7 @@ import requests
 import yaml
 
 from compose_rollout.config import load_fleet
+from compose_rollout.hosts import commands
 from compose_rollout.testbed import HaproxyAdmin, Testbed
 from compose_rollout.testbed import registry as registry_config
 from compose_rollout.testbed.capacity import CapacitySampler
@@ -283,6 +285,27 @@ def test_a_port_range_takes_a_second_container_beside_and_reset_undoes_a_half_do
     assert {i.name: bed.published_port(i.name) for i in bed.instances} == {i.name: 8080 for i in bed.instances}
     assert bed.haproxy_server_addresses() == {i.lb_server: (i.address, 8080) for i in bed.instances}  # no -surge
     assert {row["status"] for row in bed.haproxy_server_states().values()} == {"UP"}
+
+
+@pytest.mark.timeout(120)
+def test_a_host_that_cannot_pull_fails_only_its_pulls_until_reset(fresh_fleet: Testbed) -> None:
+    bed = fresh_fleet
+    v2 = f"{bed.image_repository}:v2"
+    pull = shlex.join(commands.with_timeout(commands.image_pull(v2), 60)) + " 2>&1"  # as a rollout pulls
+    bed.break_pulls("app-2")
+    with _ssh(bed, "app-2") as client:
+        code, output = _run_ssh(client, pull)
+        assert code == 1 and "pull access denied for " + v2 in output, output
+        # Its other docker commands work: only the pull fails.
+        assert _run_ssh(client, shlex.join(commands.image_id(v2))) == (0, bed.tag_image_id("v2") + "\n")
+    for other in ("app-1", "app-3"):
+        with _ssh(bed, other) as client:
+            assert _run_ssh(client, pull)[0] == 0
+
+    bed.reset()
+    with _ssh(bed, "app-2") as client:
+        code, output = _run_ssh(client, pull)
+        assert code == 0, output
 
 
 @pytest.mark.timeout(60)
