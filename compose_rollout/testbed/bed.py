@@ -665,19 +665,22 @@ class Testbed:
     def break_pulls(self, name: str) -> None:
         """The instance's host cannot pull: `docker pull` in its SSH sessions fails as a
         registry refusing that host does (`pull access denied ... may require 'docker
-        login'`, exit 1), and every other docker command works. The engine is shared, so
-        the fault is in the host's sessions: its sshd, restarted, gives them a PATH whose
-        first `docker` refuses pulls. reset() puts the host back."""
+        login'`, exit 1), and the host keeps only the images the engine holds now (one
+        another host pulls later is not there for it). Every other docker command works.
+        The engine is shared, so the fault is in the host's sessions: its sshd, restarted,
+        gives them a PATH whose first `docker` is that host's. reset() puts it back."""
         instance = self.instance(name)
         real_docker = shutil.which(self.docker, path=sshd.SESSION_PATH)
         if real_docker is None:
             raise TestbedError(f"no {self.docker} on the sessions' PATH {sshd.SESSION_PATH}")
-        wrapper = self.workdir / "faults" / name / "docker"
-        wrapper.parent.mkdir(parents=True, exist_ok=True)
-        wrapper.write_text(sshd.render_docker_refusing_pulls(real_docker))
+        faults = self.workdir / "faults" / name
+        faults.mkdir(parents=True, exist_ok=True)
+        held = faults / "images"
+        held.write_text(run([self.docker, "image", "ls", "--quiet", "--no-trunc"], timeout=30).stdout)
+        wrapper = faults / "docker"
+        wrapper.write_text(sshd.render_docker_refusing_pulls(real_docker, held))
         wrapper.chmod(0o755)
-        session_path = f"{wrapper.parent}:{sshd.SESSION_PATH}"
-        self._sshd_config(instance).write_text(self._render_sshd_config(instance, session_path))
+        self._sshd_config(instance).write_text(self._render_sshd_config(instance, f"{faults}:{sshd.SESSION_PATH}"))
         self.stop_sshd(name)  # sshd reads its configuration when it starts
         self.start_sshd(name)
 

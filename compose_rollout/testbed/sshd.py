@@ -55,9 +55,13 @@ LogLevel INFO
 SESSION_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-def render_docker_refusing_pulls(real_docker: str) -> str:
-    """A `docker` for a host's sessions that fails every pull as a registry refusing
-    that host would (exit 1, Docker's own message) and runs ``real_docker`` otherwise."""
+def render_docker_refusing_pulls(real_docker: str, held_images: Path) -> str:
+    """A `docker` for the sessions of a host that cannot pull, in front of ``real_docker``
+    (an engine other hosts share). Every pull fails as a registry refusing that host does
+    (exit 1, Docker's own message); an image whose ID is not listed in ``held_images`` is
+    one this host does not have (`image inspect` fails as Docker's does), even when another
+    host pulled it into the shared engine. Every other command runs ``real_docker``."""
+    real, held = shlex.quote(real_docker), shlex.quote(str(held_images))
     return f"""\
 #!/bin/sh
 # Written by compose_rollout.testbed (Testbed.break_pulls): this host cannot pull.
@@ -67,5 +71,13 @@ if [ "$1" = pull ] || {{ [ "$1" = image ] && [ "$2" = pull ]; }}; then
     "'docker login': denied: requested access to the resource is denied" >&2
   exit 1
 fi
-exec {shlex.quote(real_docker)} "$@"
+if [ "$1" = image ] && [ "$2" = inspect ]; then
+  for ref; do :; done
+  id=$({real} image inspect --format '{{{{.Id}}}}' "$ref" 2>/dev/null)
+  if [ -z "$id" ] || ! grep -qxF "$id" {held}; then
+    echo "Error: No such image: $ref" >&2
+    exit 1
+  fi
+fi
+exec {real} "$@"
 """

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import re
 import shlex
 import socket
@@ -288,24 +289,38 @@ def test_a_port_range_takes_a_second_container_beside_and_reset_undoes_a_half_do
 
 
 @pytest.mark.timeout(120)
-def test_a_host_that_cannot_pull_fails_only_its_pulls_until_reset(fresh_fleet: Testbed) -> None:
+def test_a_host_that_cannot_pull_fails_its_pulls_and_gets_no_new_image_until_reset(fresh_fleet: Testbed) -> None:
     bed = fresh_fleet
     v2 = f"{bed.image_repository}:v2"
     pull = shlex.join(commands.with_timeout(commands.image_pull(v2), 60)) + " 2>&1"  # as a rollout pulls
     bed.break_pulls("app-2")
-    with _ssh(bed, "app-2") as client:
-        code, output = _run_ssh(client, pull)
-        assert code == 1 and "pull access denied for " + v2 in output, output
-        # Its other docker commands work: only the pull fails.
-        assert _run_ssh(client, shlex.join(commands.image_id(v2))) == (0, bed.tag_image_id("v2") + "\n")
-    for other in ("app-1", "app-3"):
-        with _ssh(bed, other) as client:
-            assert _run_ssh(client, pull)[0] == 0
+    # An image that reaches the shared engine afterwards (as another host's pull would bring it).
+    fresh = f"{bed.image_repository}:fresh"
+    build = ["docker", "build", "-q", "-t", fresh, "-"]
+    dockerfile = f"FROM {v2}\nLABEL fresh={time.time_ns()}\n"
+    legacy = {**os.environ, "DOCKER_BUILDKIT": "0"}  # the 28.x client has no buildx plugin here
+    subprocess.run(build, input=dockerfile, text=True, capture_output=True, timeout=60, check=True, env=legacy)
+    try:
+        with _ssh(bed, "app-2") as client:
+            code, output = _run_ssh(client, pull)
+            assert code == 1 and "pull access denied for " + bed.image_repository in output, output
+            assert _run_ssh(client, shlex.join(commands.image_id(v2))) == (0, bed.tag_image_id("v2") + "\n")
+            assert _run_ssh(client, shlex.join(commands.image_id(fresh)) + " 2>&1") == (
+                1,
+                f"Error: No such image: {fresh}\n",
+            )
+        for other in ("app-1", "app-3"):
+            with _ssh(bed, other) as client:
+                assert _run_ssh(client, pull)[0] == 0
+                assert _run_ssh(client, shlex.join(commands.image_id(fresh)))[0] == 0
 
-    bed.reset()
-    with _ssh(bed, "app-2") as client:
-        code, output = _run_ssh(client, pull)
-        assert code == 0, output
+        bed.reset()
+        with _ssh(bed, "app-2") as client:
+            code, output = _run_ssh(client, pull)
+            assert code == 0, output
+            assert _run_ssh(client, shlex.join(commands.image_id(fresh)))[0] == 0
+    finally:
+        subprocess.run(["docker", "rmi", fresh], capture_output=True, timeout=60, check=True)
 
 
 @pytest.mark.timeout(60)

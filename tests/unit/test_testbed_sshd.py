@@ -1,5 +1,6 @@
-"""The test bed's "host that cannot pull": the `docker` its sessions find refuses pulls
-and hands every other command, arguments intact, to the real one (real shell, no engine)."""
+"""The test bed's "host that cannot pull": the `docker` its sessions find refuses pulls,
+does not have an image it did not hold, and hands every other command, arguments intact,
+to the real one (real shell; a stand-in for the real docker, no engine)."""
 
 from __future__ import annotations
 
@@ -10,17 +11,23 @@ import pytest
 
 from compose_rollout.testbed import sshd
 
-ECHO_ARGS = '#!/bin/sh\nfor arg; do printf "[%s]" "$arg"; done\n'
+# The stand-in: `image inspect --format {{.Id}} REF` says REF's ID; anything else prints its arguments.
+REAL_DOCKER = """#!/bin/sh
+if [ "$1 $2 $3 $4" = "image inspect --format {{.Id}}" ]; then echo "sha256:id-of-$5"; exit 0; fi
+for arg; do printf "[%s]" "$arg"; done
+"""
 
 
 @pytest.fixture
 def docker(tmp_path: Path) -> Path:
-    """The refusing `docker`, in front of a `docker` that prints its arguments."""
+    """The refusing `docker` of a host that holds only app:v1, in front of the stand-in."""
     real = tmp_path / "real docker"
-    real.write_text(ECHO_ARGS)
+    real.write_text(REAL_DOCKER)
     real.chmod(0o755)
+    held = tmp_path / "images"
+    held.write_text("sha256:id-of-app:v1\n")
     wrapper = tmp_path / "docker"
-    wrapper.write_text(sshd.render_docker_refusing_pulls(str(real)))
+    wrapper.write_text(sshd.render_docker_refusing_pulls(str(real), held))
     wrapper.chmod(0o755)
     return wrapper
 
@@ -36,9 +43,16 @@ def test_a_pull_fails_as_a_refusing_registry_makes_it_fail(docker: Path, pull: l
     assert ran.stderr.startswith("Error response from daemon: pull access denied for registry:5000/demo/app,")
 
 
+def test_an_image_the_host_did_not_hold_is_not_there_even_if_the_engine_has_it(docker: Path) -> None:
+    ran = run(docker, "image", "inspect", "--format", "{{.Id}}", "app:v2")
+    assert (ran.returncode, ran.stdout, ran.stderr) == (1, "", "Error: No such image: app:v2\n")
+    held = run(docker, "image", "inspect", "--format", "{{json .RepoDigests}}", "app:v1")
+    assert (held.returncode, held.stdout) == (0, "[image][inspect][--format][{{json .RepoDigests}}][app:v1]")
+
+
 def test_every_other_command_reaches_the_real_docker_with_its_arguments(docker: Path) -> None:
-    ran = run(docker, "image", "inspect", "--format", "{{.Id}} x", "a b")
-    assert (ran.returncode, ran.stdout) == (0, "[image][inspect][--format][{{.Id}} x][a b]")
+    ran = run(docker, "container", "inspect", "--format", "{{.Id}} x", "a b")
+    assert (ran.returncode, ran.stdout) == (0, "[container][inspect][--format][{{.Id}} x][a b]")
 
 
 def config(session_path: str | None = None) -> str:
