@@ -58,6 +58,9 @@ _OWNED_ENTRIES = ("hosts", "ssh", "registry", "haproxy", *FRONTS, "lbhost", "ima
 # others start on first use, each on its own frontend port).
 LB_KINDS = ("haproxy", *FRONTS)
 LB_HOST_ADDRESS = "127.0.2.1"
+# Another repository of the app in the bed's registry, pushed on demand (Testbed.push_edition).
+EDITION = "demo/app-ee"
+EDITION_TAGS = ("v1", "v2")
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,7 @@ class Testbed:
 
         self.registry = f"127.0.0.1:{registry_port}"
         self.image_repository = f"{self.registry}/demo/app"
+        self.edition_repository = f"{self.registry}/{EDITION}"
         self.lb_url = f"http://127.0.0.1:{lb_port}"
         self.lb_admin_address = f"tcp://127.0.0.1:{lb_admin_port}"
         self.lb_admin_unix_socket = self.workdir / "haproxy" / "haproxy.sock"
@@ -551,12 +555,12 @@ class Testbed:
         """True while the registry process is running."""
         return self._registry is not None and self._registry.running()
 
-    def _registry_has(self, tag: str) -> bool:
+    def _registry_has(self, tag: str, repository: str = "demo/app") -> bool:
         connection = http.client.HTTPConnection("127.0.0.1", self.registry_port, timeout=5)
         try:
             connection.request(
                 "HEAD",
-                f"/v2/demo/app/manifests/{tag}",
+                f"/v2/{repository}/manifests/{tag}",
                 headers={"Accept": "application/vnd.docker.distribution.manifest.v2+json"},
             )
             response = connection.getresponse()
@@ -573,6 +577,16 @@ class Testbed:
             image.build(self.docker, context, self.image_repository, tag)
             image.push(self.docker, self.image_repository, tag)
             self._image_ids[tag] = self.image_id(f"{self.image_repository}:{tag}")
+
+    def push_edition(self) -> str:
+        """Push v1 and v2 also as another repository of the registry (``demo/app-ee``,
+        as an Enterprise Edition of the app would be), once per bed, and return it: a
+        fleet can switch repository to it. The images are the bed's own (same IDs)."""
+        for tag in EDITION_TAGS:
+            if not self._registry_has(tag, EDITION):
+                run([self.docker, "tag", self._image_ids[tag], f"{self.edition_repository}:{tag}"], timeout=30)
+                image.push(self.docker, self.edition_repository, tag)
+        return self.edition_repository
 
     def image_id(self, ref: str) -> str:
         """The engine's image ID (sha256:...) for an image reference."""
