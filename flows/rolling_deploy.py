@@ -500,7 +500,7 @@ def _deploy(
     ]
     ledger.observer = Progress(fleet.name, len(pending))
     for name in snapshots:
-        if name not in pending:
+        if name not in pending and name not in unpulled:  # already there; one that could not pull stays failed
             ledger.update(name, outcome="unchanged")
     if fleet.hooks.before_deploy is not None and pending:
         try:
