@@ -8,6 +8,7 @@ import re
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 
 from compose_rollout.flows.rolling_deploy import rolling_deploy
 from compose_rollout.testbed import Testbed
+from tests.fleet.test_faults import docker, push_variant
 from tests.fleet.test_rollout import deploy_under_traffic, fleet_file, observe
 
 pytestmark = [pytest.mark.fleet, pytest.mark.usefixtures("prefect_server")]
@@ -75,6 +77,60 @@ def test_a_second_failure_beyond_the_budget_rolls_back_every_instance(fresh_flee
     assert seen.failed == 0, seen.failures
     (found,) = journals(tmp_path / "state")
     assert found["status"] == "rolled back"
+
+
+def unpulled_release(bed: Testbed, tag: str) -> str:
+    """Push `tag` with content no host holds (the hosts share one engine: it is removed
+    from it once pushed), so every host must pull it; its digest."""
+    digest = push_variant(bed, tag, f"RUN echo {tag}-{uuid.uuid4()} > /www/version")
+    docker("rmi", f"{bed.image_repository}:{tag}")
+    return digest
+
+
+@pytest.mark.timeout(300)
+def test_within_the_failure_budget_a_host_that_cannot_pull_is_left_untouched_and_the_others_move(
+    fresh_fleet: Testbed, tmp_path: Path
+) -> None:
+    bed = fresh_fleet
+    digest = unpulled_release(bed, "v3")
+    bed.break_pulls("app-2")  # the registry refuses app-2's pulls; app-1 and app-3 pull fine
+    before = observe(bed)
+    fleet = fleet_file(bed, tmp_path, rollout={"max_failed_instances": 1})
+
+    rows, failure, seen = deploy_under_traffic(bed, fleet, "v3")
+
+    assert rows is None
+    assert "ended partial: 2 of 3 instances run it (app-1, app-3)" in failure
+    assert "app-2 (failed: pre-pull: " in failure and "docker pull" in failure and "pull access denied" in failure
+    after = observe(bed)
+    assert after.images["app-1"] == after.images["app-3"] == bed.image_id(f"{bed.image_repository}@{digest}")
+    # app-2 never touched: the same container on its old image, its compose file byte for byte, in rotation.
+    assert after.containers["app-2"] == before.containers["app-2"]
+    assert after.images["app-2"] == before.images["app-2"] and after.compose["app-2"] == before.compose["app-2"]
+    assert set(after.lb.values()) == {"UP"} and after.locks == ()
+    assert seen.failed == 0, seen.failures
+    (found,) = journals(tmp_path / "state")
+    assert found["status"] == "partial"
+    (app2,) = [r for r in found["records"] if r["name"] == "app-2"]  # type: ignore[attr-defined]
+    assert (app2["outcome"], app2["drained"], app2["file_written"]) == ("failed", False, False)  # never drained
+
+
+@pytest.mark.timeout(180)
+def test_without_a_failure_budget_one_host_that_cannot_pull_refuses_the_run_before_anything_is_touched(
+    fresh_fleet: Testbed, tmp_path: Path
+) -> None:
+    bed = fresh_fleet
+    unpulled_release(bed, "v3")
+    bed.break_pulls("app-2")
+    before = observe(bed)
+
+    rows, failure, seen = deploy_under_traffic(bed, fleet_file(bed, tmp_path), "v3")
+
+    assert rows is None and "refused before any instance was touched" in failure
+    assert "failed, nothing was drained: app-2: " in failure and "pull access denied" in failure
+    assert "app-1" not in failure and "app-3" not in failure  # they pulled
+    assert observe(bed) == before  # compose files, containers, LB, no lock left
+    assert seen.failed == 0, seen.failures
 
 
 def with_hooks(bed: Testbed, tmp_path: Path, hooks: dict[str, object], **overrides: object) -> str:
