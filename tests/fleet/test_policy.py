@@ -1,4 +1,5 @@
-"""Deploy policy on the real fleet: the failure budget, hooks, a tag in .env, the 5xx gate, the weighted canary."""
+"""Deploy policy on the real fleet: the failure budget, hooks, a tag in .env, the 5xx gate, the weighted canary,
+an edition switch."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -13,9 +15,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from prefect.client.schemas.sorting import ArtifactSort
 
+from compose_rollout.errors import DeployFailed
 from compose_rollout.flows.rolling_deploy import rolling_deploy
 from compose_rollout.testbed import Testbed
+from compose_rollout.testbed.traffic import Traffic
 from tests.fleet.test_faults import docker, push_variant
 from tests.fleet.test_rollout import deploy_under_traffic, fleet_file, observe
 
@@ -130,6 +137,69 @@ def test_without_a_failure_budget_one_host_that_cannot_pull_refuses_the_run_befo
     assert "failed, nothing was drained: app-2: " in failure and "pull access denied" in failure
     assert "app-1" not in failure and "app-3" not in failure  # they pulled
     assert observe(bed) == before  # compose files, containers, LB, no lock left
+    assert seen.failed == 0, seen.failures
+
+
+def rollout_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "compose_rollout.cli", *args], capture_output=True, text=True, timeout=240
+    )
+
+
+def last_summary() -> str:
+    """The summary of the fleet's last run, as the Prefect UI shows it (its artifact)."""
+    with get_client(sync_client=True) as client:
+        (artifact,) = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["rollout-demo"])),
+            sort=ArtifactSort.CREATED_DESC,
+            limit=1,
+        )
+    return artifact.description or ""
+
+
+def created_from(bed: Testbed) -> dict[str, str]:
+    """The image reference each instance's container was created from."""
+    return {i.name: str(bed.project_containers(i.name)[0]["Config"]["Image"]) for i in bed.instances}
+
+
+@pytest.mark.timeout(300)
+def test_an_edition_switch_says_so_and_tag_only_runs_are_refused_until_the_fleet_file_names_it(
+    fresh_fleet: Testbed, tmp_path: Path
+) -> None:
+    bed = fresh_fleet
+    app, edition = bed.image_repository, bed.push_edition()  # demo/app-ee: v1 and v2 of the app
+    fleet = fleet_file(bed, tmp_path, allowed_repositories=[edition])
+    switch = f"it switches repository: {app} on app-1, app-2, app-3 -> {edition}"
+
+    plan = rollout_cli("plan", "--fleet", fleet, "--image", f"{edition}:v2")
+    assert plan.returncode == 0 and f"\nNote: {switch}\n" in plan.stdout, plan.stdout + plan.stderr
+    traffic = Traffic(bed.lb_url)
+    traffic.start()
+    deploy = rollout_cli("deploy", "--fleet", fleet, "--image", f"{edition}:v2")
+    assert deploy.returncode == 0, deploy.stderr[-3000:]
+    assert last_summary().endswith(f" Note: {switch}; update image_repository in the fleet file to match.")
+    switched = observe(bed)
+    assert set(switched.images.values()) == {bed.tag_image_id("v2")}
+    assert all(ref.startswith(f"{edition}:v2@sha256:") for ref in created_from(bed).values())
+
+    # A run given only a tag (a schedule, a webhook) would switch the fleet back: refused, naming both.
+    runs = f"fleet demo runs {edition} on app-1, app-2, app-3, not its image_repository {app}"
+    refused = rollout_cli("plan", "--fleet", fleet, "--tag", "v1")
+    assert refused.returncode == 1 and runs in refused.stderr, refused.stdout + refused.stderr
+    with pytest.raises(DeployFailed) as raised:
+        rolling_deploy(fleet_file=fleet, tag="v1", triggered_by="schedule")
+    assert "refused before any instance was touched" in str(raised.value)
+    assert f"{runs}: a run given only a tag would switch it to {app}." in str(raised.value)
+    assert observe(bed) == switched  # compose files, containers, LB, no lock left
+
+    # The fleet file follows the switch: the next tag-only run deploys from the edition.
+    fleet = fleet_file(bed, tmp_path, image_repository=edition, allowed_repositories=[app])
+    rows = rolling_deploy(fleet_file=fleet, tag="v1", triggered_by="schedule")
+    assert [row["result"] for row in rows] == ["updated"] * 3
+    assert "switches repository" not in last_summary()
+    assert set(observe(bed).images.values()) == {bed.tag_image_id("v1")}
+    assert all(ref.startswith(f"{edition}:v1@sha256:") for ref in created_from(bed).values())
+    seen = traffic.stop()
     assert seen.failed == 0, seen.failures
 
 
