@@ -16,20 +16,19 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 import yaml
 
 from compose_rollout.errors import RolloutError
 from compose_rollout.flows.rolling_deploy import rolling_deploy
-from compose_rollout.testbed import Testbed, TestbedError
+from compose_rollout.testbed import Testbed
 from compose_rollout.testbed.traffic import Traffic, TrafficResult
+from tests.fleet.inflight import SlowRequests, wait_until
 from tests.fleet.test_rollout import deploy_under_traffic, fleet_file, observe
 
 pytestmark = [pytest.mark.fleet, pytest.mark.usefixtures("prefect_server")]
@@ -109,20 +108,6 @@ def cli_deploy(fleet: str, tag: str, out: Path, *flags: str) -> Iterator[subproc
                 os.killpg(process.pid, signal.SIGKILL)  # the orphaned Prefect server, if any
             except ProcessLookupError:
                 pass
-
-
-def _wait_until(condition: Callable[[], bool], what: str, timeout: float = 60) -> None:
-    """Poll observed state; a bed query that fails while a container is being replaced is "not yet"."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if condition():
-                return
-        except TestbedError:
-            pass
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def assert_serving_v1(bed: Testbed, before: Any, seen: TrafficResult) -> None:
@@ -266,51 +251,6 @@ def test_with_on_locked_wait_a_second_run_waits_for_the_first_then_runs(fresh_fl
     assert observe(bed).locks == ()
 
 
-class SlowRequests:
-    """Slow requests through the LB, sent one at a time until every instance has one in
-    flight. Round robin alone does not promise one per instance (a server that the LB
-    just re-checked, or the robin's position, can send two to one), so each request is
-    sent only after the previous one is seen in flight, until the LB shows a request in
-    flight on every instance."""
-
-    def __init__(self, bed: Testbed, seconds: int, timeout: float = 30, lb: str = "haproxy") -> None:
-        url = f"{bed.lb_url_of(lb)}/cgi-bin/slow?{seconds}"
-        self._lb = lb
-        limit = 3 * len(bed.instances)
-        self._pool = ThreadPoolExecutor(max_workers=limit)
-        self._sent: list[Future[int]] = []
-        # Every instance healthy and UP first: a container recreated just before (a fixture's)
-        # can still be marked DOWN by HAProxy's next checks, and round robin skips it then.
-        bed.wait_all_up()
-        deadline = time.monotonic() + timeout
-        try:
-            while not all(n > 0 for n in self._in_flight(bed).values()):
-                if len(self._sent) >= limit or time.monotonic() > deadline:
-                    raise AssertionError(
-                        f"{len(self._sent)} slow requests never reached every instance: {self._in_flight(bed)}; "
-                        f"the LB's view: {bed.lb_view(lb)}"
-                    )
-                self._send_and_see_it_land(bed, url, seconds)
-        except BaseException:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            raise
-
-    def _send_and_see_it_land(self, bed: Testbed, url: str, seconds: int) -> None:
-        before = sum(self._in_flight(bed).values())
-        self._sent.append(self._pool.submit(lambda: requests.get(url, timeout=seconds + 60).status_code))
-        _wait_until(lambda: sum(self._in_flight(bed).values()) > before, "a slow request in flight", timeout=10)
-
-    def _in_flight(self, bed: Testbed) -> dict[str, int]:
-        return bed.in_flight(self._lb)
-
-    def codes(self, timeout: float = 120) -> list[int]:
-        """Each request's status code, once all have ended."""
-        try:
-            return [sent.result(timeout=timeout) for sent in self._sent]
-        finally:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-
-
 @pytest.mark.timeout(180)
 def test_a_request_longer_than_the_drain_timeout_fails_the_run_by_default_and_completes(
     fresh_fleet: Testbed, tmp_path: Path
@@ -359,7 +299,7 @@ def test_a_killed_orchestrator_is_recovered_by_rollout_recover(
         wait_for_journal(state, lambda j: record(j, "app-2").get("file_written") is True)
         if moment == "new container running":
             wait_for_journal(state, lambda j: record(j, "app-2").get("restarted") is True)
-            _wait_until(lambda: bed.running_image("app-2") == v2, "app-2 to run v2")
+            wait_until(lambda: bed.running_image("app-2") == v2, "app-2 to run v2")
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
     assert int(bed.haproxy_servers_state()["app-2"]["srv_admin_state"]) & 0x08  # drained: the fault is real

@@ -28,7 +28,8 @@ from compose_rollout.flows.rolling_deploy import rolling_deploy
 from compose_rollout.testbed import Testbed
 from compose_rollout.testbed.bed import FRONTS, LB_KINDS
 from compose_rollout.testbed.traffic import Traffic, TrafficResult
-from tests.fleet.test_faults import SlowRequests, push_variant
+from tests.fleet.inflight import SlowRequests
+from tests.fleet.test_faults import push_variant
 from tests.fleet.test_rollout import fleet_file
 
 pytestmark = [pytest.mark.fleet, pytest.mark.usefixtures("prefect_server")]

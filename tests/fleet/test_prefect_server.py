@@ -24,9 +24,9 @@ import yaml
 
 from compose_rollout.testbed import Testbed
 from compose_rollout.testbed.traffic import Traffic
+from tests.fleet.inflight import SlowRequests
 from tests.fleet.test_faults import (
     CLI,
-    SlowRequests,
     assert_serving_v1,
     journal,
     push_variant,

@@ -33,7 +33,8 @@ from compose_rollout.flows.rolling_deploy import rolling_deploy
 from compose_rollout.testbed import Testbed
 from compose_rollout.testbed.capacity import CapacitySampler
 from compose_rollout.testbed.traffic import Traffic
-from tests.fleet.test_faults import CLI, SlowRequests, _wait_until, cli_deploy, journal
+from tests.fleet.inflight import SlowRequests, wait_until
+from tests.fleet.test_faults import CLI, cli_deploy, journal
 from tests.fleet.test_rollout import fleet_file
 
 pytestmark = [pytest.mark.fleet, pytest.mark.usefixtures("prefect_server")]
@@ -234,9 +235,9 @@ def test_a_killed_surge_is_recovered_by_rollout_recover(surge_fleet: Testbed, tm
     traffic.start()
     with cli_deploy(fleet, "v2", tmp_path / "deploy.log", "--strategy", "surge") as process:
         if moment == "second container running":
-            _wait_until(lambda: running_containers(bed, "app-2") == 2, "a second container for app-2", timeout=180)
+            wait_until(lambda: running_containers(bed, "app-2") == 2, "a second container for app-2", timeout=180)
         else:
-            _wait_until(lambda: "app-2-surge" in bed.haproxy_server_states(), "HAProxy to list app-2-surge", 180)
+            wait_until(lambda: "app-2-surge" in bed.haproxy_server_states(), "HAProxy to list app-2-surge", 180)
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
     killed = look(bed)
