@@ -15,16 +15,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-from prefect.client.schemas.sorting import ArtifactSort
 
 from compose_rollout.errors import DeployFailed
 from compose_rollout.flows.rolling_deploy import rolling_deploy
 from compose_rollout.testbed import Testbed
 from compose_rollout.testbed.traffic import Traffic
 from tests.fleet.test_faults import docker, push_variant
-from tests.fleet.test_rollout import deploy_under_traffic, fleet_file, observe
+from tests.fleet.test_rollout import deploy_under_traffic, fleet_file, latest_artifact, observe
 
 pytestmark = [pytest.mark.fleet, pytest.mark.usefixtures("prefect_server")]
 
@@ -148,13 +145,7 @@ def rollout_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 def last_summary() -> str:
     """The summary of the fleet's last run, as the Prefect UI shows it (its artifact)."""
-    with get_client(sync_client=True) as client:
-        (artifact,) = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["rollout-demo"])),
-            sort=ArtifactSort.CREATED_DESC,
-            limit=1,
-        )
-    return artifact.description or ""
+    return latest_artifact("rollout-demo").description or ""
 
 
 def created_from(bed: Testbed) -> dict[str, str]:

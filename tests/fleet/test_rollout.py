@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from prefect.client.schemas.objects import Artifact
 from prefect.client.schemas.sorting import ArtifactSort
 
 from compose_rollout.errors import DeployFailed
@@ -58,6 +59,15 @@ FAST_HEALTH = {"consecutive_successes": 2, "interval_seconds": 0.25, "stabilizat
 def fleet_file(bed: Testbed, tmp_path: Path, lb: str = "haproxy", **overrides: Any) -> str:
     overrides["health"] = {**FAST_HEALTH, **overrides.get("health", {})}
     return str(bed.fleet_file(tmp_path / "fleet.yaml", lb=lb, state_directory=str(tmp_path / "state"), **overrides))
+
+
+def latest_artifact(key: str) -> Artifact:
+    """The newest Prefect artifact with `key` (a fleet's run summary: `rollout-<fleet>`)."""
+    with get_client(sync_client=True) as client:
+        (artifact,) = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])), sort=ArtifactSort.CREATED_DESC, limit=1
+        )
+    return artifact
 
 
 def deploy_under_traffic(
@@ -107,23 +117,13 @@ def test_fleet_moves_to_the_new_tag_without_a_failed_request(fresh_fleet: Testbe
     assert int(rows[0]["sessions at drain"]) > 0  # type: ignore[call-overload]
     assert set(slow.codes()) == {200}
     # The run left its summary in Prefect, per instance.
-    with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["rollout-demo"])),
-            sort=ArtifactSort.CREATED_DESC,
-            limit=1,
-        )
-        progress = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["rollout-demo-progress"])),
-            sort=ArtifactSort.CREATED_DESC,
-            limit=1,
-        )
-    artifact = artifacts[0]
+    artifact = latest_artifact("rollout-demo")
     assert "runs" in (artifact.description or "")
     assert [row["result"] for row in json.loads(str(artifact.data))] == ["updated"] * 3
     # And its progress, moved as instances finished.
-    assert progress[0].type == "progress" and float(str(progress[0].data)) == 100.0
-    assert (progress[0].description or "").startswith("3 of 3 instances done (app-1, app-2, app-3)")
+    progress = latest_artifact("rollout-demo-progress")
+    assert progress.type == "progress" and float(str(progress.data)) == 100.0
+    assert (progress.description or "").startswith("3 of 3 instances done (app-1, app-2, app-3)")
 
 
 @pytest.mark.timeout(300)
