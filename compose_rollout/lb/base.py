@@ -113,26 +113,38 @@ class CountsResponses(Protocol):
 @runtime_checkable
 class AddsServers(Protocol):
     """An LB that adds, moves and removes servers at run time (capabilities `add_server`,
-    `move_server`, `remove_server`): what the surge strategy needs. An added server sends
-    to the same address as the server it is added beside, at another port (the port
-    Docker gave the second container)."""
+    `move_server`, `remove_server`): what the surge strategy needs, and what follows a
+    container to another port of a published range. An added server sends to the same
+    address as the server it is added beside, at another port (the port Docker gave the
+    second container).
+
+    Two ways of naming servers: HAProxy names each server, and a server keeps its name
+    when it moves; nginx, Caddy and Traefik know a server by its address `HOST:PORT`, so
+    a server that moves, or is added, is named by where it sends. Each call returns the
+    name the server has afterwards, and the run records it (`InstanceRecord.lb_server`)."""
 
     def server_address(self, server: str) -> tuple[str, int]:
-        """(address, port) the LB sends `server`'s requests to."""
+        """(address, port) the LB sends `server`'s requests to (for an LB that names
+        servers by address: read from the name, whether or not the LB has it)."""
         ...
 
-    def add_server(self, name: str, beside: str, port: int) -> None:
-        """A new server `name` at `beside`'s address and `port`, health-checked, drained
-        (taking no new requests) until `set_state(name, "ready")`; `recheck` was done."""
+    def add_server(self, name: str, beside: str, port: int) -> str:
+        """A new server at `beside`'s address and `port`, with `beside`'s parameters,
+        health-checked where the LB checks, drained (taking no new requests) until
+        `set_state(..., "ready")`; its name: `name`, or its address for an LB that
+        names servers by address."""
         ...
 
-    def move_server(self, server: str, port: int) -> None:
-        """Send `server`'s requests to `port` at the same address (it is drained)."""
+    def move_server(self, server: str, port: int) -> str:
+        """Send `server`'s requests to `port` at the same address (it is drained, none
+        in flight); its name afterwards. Where servers are named by address and the LB
+        already has a server there (the surge's), `server` is removed and that one is
+        the instance's server from now on, in the state it is in."""
         ...
 
     def remove_server(self, name: str) -> None:
-        """Remove an added server that takes no new requests and has none in flight;
-        nothing to do if it is not there."""
+        """Remove a server that takes no new requests and has none in flight; nothing
+        to do if it is not there."""
         ...
 
 

@@ -293,7 +293,7 @@ class HaproxyClient:
         row = self._row(server)
         return row["srv_addr"], int(row["srv_port"])
 
-    def add_server(self, name: str, beside: str, port: int) -> None:
+    def add_server(self, name: str, beside: str, port: int) -> str:
         """Add `name` at `beside`'s address and `port`: drained, its check enabled and
         forced DOWN, so it is UP only after `rise` checks of what listens there."""
         row = self._row(beside)
@@ -308,15 +308,17 @@ class HaproxyClient:
         self._act(set_server_state(self.name, name, "drain"))  # out of maintenance: checked, no new requests
         self._act(f"enable health {self.name}/{name}")
         self._act(force_health_down(self.name, name))
+        return name
 
-    def move_server(self, server: str, port: int) -> None:
-        """Send `server`'s requests and checks to `port` at the same address."""
+    def move_server(self, server: str, port: int) -> str:
+        """Send `server`'s requests and checks to `port` at the same address; it keeps its name."""
         address, _ = self.server_address(server)
         command = set_server_port(self.name, server, address, port)
         answer = self.command(command).strip()
         # On success HAProxy says what changed ("no need to change the addr, port changed from ...").
         if "changed" not in answer:
             raise LoadBalancerError(f"HAProxy refused `{command}`: {answer}")
+        return server
 
     def remove_server(self, name: str) -> None:
         """Put `name` in maintenance and delete it; HAProxy refuses while it still has
