@@ -172,6 +172,7 @@ def _plan(args: argparse.Namespace) -> int:
         return {"instance": instance.name, "now": found.image, "after": str(pinned), "change": change}
 
     try:
+        ctx.fleet = procedure.find_servers(ctx)  # as a deploy finds them (a surge renames some)
         servers = procedure.preflight_lb(ctx)
         backend = ctx.lb.backend
         rows = _per_instance(fleet, ctx, one)
@@ -186,7 +187,7 @@ def _plan(args: argparse.Namespace) -> int:
     canary = " after a canary" if fleet.rollout.canary else ""
     print(f"Batches of {size}{canary}, strategy {fleet.rollout.strategy}; LB {backend}:")
     for row in rows:
-        row["lb"] = servers[fleet.instance(str(row["instance"])).lb_server].describe()
+        row["lb"] = servers[ctx.fleet.instance(str(row["instance"])).lb_server].describe()
     print(table(rows))
     for name, diff in diffs.items():
         if diff:
@@ -201,11 +202,13 @@ def _status(args: argparse.Namespace) -> int:
     try:
         try:
             servers = {name: s.describe() for name, s in ctx.lb.servers().items()}
+            ctx.fleet = procedure.find_servers(ctx)  # as a deploy finds them (a surge renames some)
         except RolloutError as error:
             servers = {}
             print(f"LB: {error}", file=sys.stderr)
 
         def one(instance: Instance) -> dict[str, object]:
+            instance = ctx.fleet.instance(instance.name)  # its server as found
             row: dict[str, object] = {"instance": instance.name}
             url = instance.health_url
             try:
@@ -226,7 +229,7 @@ def _status(args: argparse.Namespace) -> int:
             return row
 
         print(table(_per_instance(fleet, ctx, one)))
-        strays = sorted(set(servers) - {instance.lb_server for instance in fleet.instances})
+        strays = sorted(set(servers) - {instance.lb_server for instance in ctx.fleet.instances})
         for name in strays:
             print(f"{ctx.lb.backend} also has {name}: {servers[name]}")
     finally:

@@ -65,3 +65,14 @@ def reached_at(info: Mapping[str, Any], port: int) -> Ports | None:
             low, high = published_range(info, container_port) or (port, port)
             return Ports(container_port, low, high)
     return None
+
+
+def range_holding(info: Mapping[str, Any], port: int) -> tuple[Ports, int] | None:
+    """The container port whose published host range holds `port`, that range, and the
+    host port the container got (None if no range holds it): where a container is now
+    that an LB server once reached at `port`."""
+    for container_port, bound in host_ports(info).items():
+        low, high = published_range(info, container_port) or (bound, bound)
+        if low <= port <= high:
+            return Ports(container_port, low, high), bound
+    return None

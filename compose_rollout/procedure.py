@@ -37,7 +37,7 @@ from compose_rollout.hosts.ssh import Executor, SshHost
 from compose_rollout.images import ImageRef, parse_reference, validate_tag
 from compose_rollout.lb import adapters
 from compose_rollout.lb.base import AddsServers, CountsResponses, LoadBalancer, ServerView, Weighs, require
-from compose_rollout.ports import Ports, host_ports, reached_at
+from compose_rollout.ports import Ports, host_ports, range_holding, reached_at
 from compose_rollout.state.journal import InstanceRecord, Ledger
 
 
@@ -420,6 +420,49 @@ def preflight_instance(ctx: Context, instance: Instance) -> Snapshot:
     return found if followed is None else replace(found, ports=followed[0], port=followed[1])
 
 
+def server_of(instance: Instance, ledger: Ledger) -> str:
+    """The instance's LB server now: as the run recorded it (found at its start, renamed
+    by a move), else as the fleet says."""
+    record = ledger.records.get(instance.name)
+    return (record.lb_server if record is not None else "") or instance.lb_server
+
+
+def find_servers(ctx: Context) -> Fleet:
+    """The fleet with each instance's LB server as the LB names it now.
+
+    An LB that names servers by HOST:PORT (nginx, Caddy, Traefik, AWS) renamed the
+    instance's server when its container moved to another port of a published range
+    (every surge does), while the fleet file names the port it was on at first: the
+    instance's server is then the one at its address on the port its container has now.
+    """
+    lb = ctx.lb
+    if not isinstance(lb, AddsServers):
+        return ctx.fleet
+    names = set(lb.servers())
+    found: dict[str, str] = {}
+    for instance in ctx.fleet.instances:
+        if instance.lb_server in names:
+            continue
+        container = container_state(ctx, instance)
+        try:
+            address, port = lb.server_address(instance.lb_server)
+        except LoadBalancerError:
+            continue  # an LB that names servers itself: preflight says it has no such server
+        held = range_holding(inspect(ctx, instance, container.id), port) if container is not None else None
+        if held is None:
+            continue
+        there = [name for name in names if lb.server_address(name) == (address, held[1])]
+        if len(there) == 1:
+            found[instance.name] = there[0]
+    if not found:
+        return ctx.fleet
+    instances = [
+        instance.model_copy(update={"lb_server": found[instance.name]}) if instance.name in found else instance
+        for instance in ctx.fleet.instances
+    ]
+    return ctx.fleet.model_copy(update={"instances": instances})
+
+
 def preflight_lb(ctx: Context) -> Mapping[str, ServerView]:
     """Every instance's server exists in the LB and is UP and in rotation; the LB can
     do what the fleet's policy needs of it."""
@@ -479,8 +522,9 @@ def drain(ctx: Context, instance: Instance, ledger: Ledger) -> int:
     """
     record = ledger[instance.name]
     ledger.update(instance.name, drained=True, drained_at=record.drained_at or time.time())
-    ctx.lb.set_state(instance.lb_server, "drain")
-    sessions = ctx.lb.server(instance.lb_server).sessions
+    server = server_of(instance, ledger)
+    ctx.lb.set_state(server, "drain")
+    sessions = ctx.lb.server(server).sessions
     ledger.update(instance.name, sessions_at_drain=sessions)
     return sessions
 
@@ -489,7 +533,7 @@ def wait_for_sessions(ctx: Context, instance: Instance, ledger: Ledger, server_n
     """Wait until the LB counts no active session on the instance's server (or
     `server_name`); return sessions cut."""
     policy = ctx.fleet.rollout
-    name = server_name or instance.lb_server
+    name = server_name or server_of(instance, ledger)
     deadline, limit = ctx.wait_until(policy.drain_timeout_seconds)
     while True:
         server = ctx.lb.server(name)
@@ -553,7 +597,7 @@ def up(ctx: Context, instance: Instance, ledger: Ledger) -> bool:
     ledger.update(instance.name, restarted=True, up_at=time.time())
     ctx.run(instance, commands.with_timeout(argv, timeout), timeout=timeout + 15)
     follow_port(ctx, instance, ledger)
-    return ctx.lb.recheck(instance.lb_server)
+    return ctx.lb.recheck(server_of(instance, ledger))
 
 
 def follow_port(ctx: Context, instance: Instance, ledger: Ledger) -> None:
@@ -569,8 +613,8 @@ def follow_port(ctx: Context, instance: Instance, ledger: Ledger) -> None:
     if port != record.port:
         if not isinstance(ctx.lb, AddsServers):
             raise LoadBalancerError(f"{instance.name} now listens on port {port}, and {ctx.lb.backend} cannot follow")
-        ctx.lb.move_server(instance.lb_server, port)
-        ledger.update(instance.name, port=port)
+        server = ctx.lb.move_server(server_of(instance, ledger), port)
+        ledger.update(instance.name, port=port, lb_server=server)
 
 
 def await_healthy(
@@ -650,12 +694,13 @@ def watch_responses(ctx: Context, instance: Instance, ledger: Ledger, seconds: f
     health = ctx.fleet.health
     if not isinstance(ctx.lb, CountsResponses):
         raise PreflightError(f"{ctx.lb.backend} counts no responses, which health.watch_seconds needs")
-    before = ctx.lb.response_counts(instance.lb_server)
+    server = server_of(instance, ledger)
+    before = ctx.lb.response_counts(server)
     started = ctx.clock.monotonic()
     deadline, _ = ctx.wait_until(health.watch_seconds if seconds is None else seconds)
     while True:
         ctx.pause(max(0.0, min(0.5, deadline - ctx.clock.monotonic())))
-        now = ctx.lb.response_counts(instance.lb_server)
+        now = ctx.lb.response_counts(server)
         total = sum(now[kind] - before.get(kind, 0) for kind in now)
         errors = now.get("5xx", 0) - before.get("5xx", 0)
         ledger.update(instance.name, watched_responses=total, watched_5xx=errors)
@@ -720,7 +765,7 @@ def restore_weights(ctx: Context, ledger: Ledger) -> list[str]:
 
 def enable(ctx: Context, instance: Instance, ledger: Ledger) -> None:
     """Put the instance back in rotation."""
-    ctx.lb.set_state(instance.lb_server, "ready")
+    ctx.lb.set_state(server_of(instance, ledger), "ready")
     ledger.update(instance.name, drained=False, enabled_at=time.time())
 
 

@@ -7,8 +7,13 @@ Per instance (each verb a step of the flow, recorded write-ahead in the ledger):
     ready → drain the instance's own server → wait for its sessions → move it to the new
     port → await LB up → ready → remove the old container → retire the surge server
 
-The instance's own server (`lb_server`) ends pointing at the container that runs, so the
-fleet file keeps naming it. At every moment one of the two servers takes requests.
+The instance's own server ends pointing at the container that runs. In HAProxy it keeps
+its name (the fleet file's `lb_server`). An LB that names servers by HOST:PORT (nginx,
+Caddy, Traefik, AWS) adds the surge's server as NEW_HOST:PORT, and moving the own server
+onto it removes the drained own one: the surge's server is the instance's server from
+then on, and the run records its name (`InstanceRecord.lb_server`; the next run finds it
+by the port the container has, `procedure.find_servers`). At every moment one of the two
+servers takes requests.
 
 The service publishes a host port range (`"8080-8081:8080"`): the second container needs
 a port of its own, and Docker picks either port of the range, so every run follows the
@@ -26,7 +31,7 @@ from compose_rollout.hosts import commands
 from compose_rollout.hosts.compose_file import services_of
 from compose_rollout.lb.base import SURGE_NEEDS, AddsServers, require
 from compose_rollout.ports import Ports
-from compose_rollout.procedure import Context, Snapshot, compose_version, port_of, wait_for_sessions
+from compose_rollout.procedure import Context, Snapshot, compose_version, port_of, server_of, wait_for_sessions
 from compose_rollout.state.journal import Ledger
 
 SUFFIX = "-surge"
@@ -81,11 +86,6 @@ def preflight(ctx: Context, instance: Instance, found: Snapshot, also_on_host: i
             "per instance"
         )
     server = instance.lb_server
-    if surge_server(instance) in ctx.lb.servers():
-        raise PreflightError(
-            f"{name}: {ctx.lb.backend} already has a server {surge_server(instance)!r} (left by an interrupted "
-            "surge?): run `rollout recover`, or remove it"
-        )
     address, lb_port = lb.server_address(server)
     ports = found.ports
     if ports is None:
@@ -99,6 +99,14 @@ def preflight(ctx: Context, instance: Instance, found: Snapshot, also_on_host: i
             f'a second container cannot bind: publish a range such as "{ports.low}-{ports.low + 1}:'
             f'{ports.container_port.split("/")[0]}" (README, surge)'
         )
+    others = set(ctx.lb.servers()) - {i.lb_server for i in ctx.fleet.instances}
+    for other in sorted(others):
+        there, port = lb.server_address(other)
+        if there == address and ports.low <= port <= ports.high:
+            raise PreflightError(
+                f"{name}: {ctx.lb.backend} already has a server {other!r} at {address}:{port}, a port of the range "
+                f"(left by an interrupted surge?): run `rollout recover`, or remove it"
+            )
     health_port = urlsplit(instance.health_url).port
     if health_port is None or not ports.low <= health_port <= ports.high:
         raise PreflightError(
@@ -161,8 +169,35 @@ def second_port(ctx: Context, instance: Instance, ledger: Ledger) -> int:
 def register(ctx: Context, instance: Instance, ledger: Ledger) -> None:
     """Add the second container's server to the LB (drained until it is UP)."""
     record = ledger[instance.name]
-    ledger.update(instance.name, surge_server=surge_server(instance))
-    adds_servers(ctx).add_server(surge_server(instance), instance.lb_server, record.surge_port)
+    ledger.update(instance.name, surge_server=surge_server(instance))  # the name asked for; see surge_servers
+    name = adds_servers(ctx).add_server(surge_server(instance), server_of(instance, ledger), record.surge_port)
+    ledger.update(instance.name, surge_server=name)
+
+
+def surge_servers(ctx: Context, instance: Instance, ledger: Ledger) -> list[str]:
+    """The LB servers of the second container: the one recorded, and any other than the
+    instance's own at its port (an LB naming servers by address named it so, and an
+    interruption may have come before the run recorded that name)."""
+    record = ledger[instance.name]
+    lb = adds_servers(ctx)
+    own = server_of(instance, ledger)
+    address, _ = lb.server_address(own)
+    servers = set(ctx.lb.servers()) - {own}
+    found = {name for name in servers if name == record.surge_server}
+    if record.surge_port:
+        found |= {name for name in servers - found if lb.server_address(name) == (address, record.surge_port)}
+    return sorted(found)
+
+
+def settle_names(ctx: Context, instance: Instance, ledger: Ledger) -> None:
+    """Before a rollback: if a move onto the surge's server (an LB naming servers by
+    address) happened but was not recorded (the run was interrupted), record it."""
+    record = ledger[instance.name]
+    if not record.moved or not record.surge_server:
+        return
+    servers = ctx.lb.servers()
+    if server_of(instance, ledger) not in servers and record.surge_server in servers:
+        ledger.update(instance.name, lb_server=record.surge_server, surge_server="", port=record.surge_port)
 
 
 def retire_old(ctx: Context, instance: Instance, ledger: Ledger) -> None:
@@ -189,28 +224,34 @@ def move(ctx: Context, instance: Instance, ledger: Ledger) -> None:
 
     No re-check: the LB's own check of the surge server, at this same address and port,
     already saw the new container UP; the server keeps its UP state and is checked at the
-    new port from now on (the old container still runs, so no check ever fails on the way)."""
+    new port from now on (the old container still runs, so no check ever fails on the way).
+    Where servers are named by address, the move lands on the surge's server, in rotation
+    already: it is the instance's server from now on, and there is no surge server left."""
     record = ledger[instance.name]
     ledger.update(instance.name, moved=True)
-    adds_servers(ctx).move_server(instance.lb_server, record.surge_port)
-    ledger.update(instance.name, port=record.surge_port)
+    server = adds_servers(ctx).move_server(server_of(instance, ledger), record.surge_port)
+    if server == record.surge_server:
+        ledger.update(instance.name, lb_server=server, surge_server="", port=record.surge_port)
+        ledger.update(instance.name, drained=not ctx.lb.server(server).in_rotation)
+    else:
+        ledger.update(instance.name, lb_server=server, port=record.surge_port)
 
 
 def move_back(ctx: Context, instance: Instance, ledger: Ledger) -> None:
-    """Rollback: point the instance's own server at the old container again (still running)."""
+    """Rollback: point the instance's own server (drained) at the old container again (still running)."""
     record = ledger[instance.name]
     port = port_of(ctx, instance, record.old_container, record.container_port)
-    adds_servers(ctx).move_server(instance.lb_server, port)
-    ledger.update(instance.name, port=port, moved=False)
+    server = adds_servers(ctx).move_server(server_of(instance, ledger), port)
+    ledger.update(instance.name, port=port, moved=False, lb_server=server)
 
 
 def unregister(ctx: Context, instance: Instance, ledger: Ledger) -> None:
     """Drain the surge server, let its requests finish, remove it from the LB."""
-    name = ledger[instance.name].surge_server
-    if not name:
+    record = ledger[instance.name]
+    if not record.surge_server and not record.surge_port:
         return
     lb = adds_servers(ctx)
-    if name in ctx.lb.servers():
+    for name in surge_servers(ctx, instance, ledger):
         ctx.lb.set_state(name, "drain")
         wait_for_sessions(ctx, instance, ledger, server_name=name)
         lb.remove_server(name)

@@ -96,7 +96,7 @@ def update_instance(
     url = procedure.health_url(ctx.fleet.instance(instance), ledger[instance])
     seconds = _step(ledger, instance, "await-healthy", cancel, steps.await_healthy, ctx, instance, image_id, url)
     ledger.update(instance, seconds_to_healthy=seconds, healthy_at=time.time())
-    _step(ledger, instance, "await-lb-up", cancel, steps.await_lb_up, ctx, instance)
+    _step(ledger, instance, "await-lb-up", cancel, steps.await_lb_up, ctx, instance, ledger)
     ledger.update(instance, lb_up_at=time.time())
     if ctx.fleet.hooks.after_instance is not None:  # a smoke test before it takes traffic
         _step(ledger, instance, "after_instance", cancel, steps.instance_hook, ctx, instance, ledger, "after_instance")
@@ -142,7 +142,7 @@ def _surge_instance(
         )
     _step(ledger, instance, "add-server", cancel, steps.add_server, ctx, instance, ledger)
     added = ledger[instance].surge_server
-    _step(ledger, instance, "await-lb-up", cancel, steps.await_lb_up, ctx, instance, added)
+    _step(ledger, instance, "await-lb-up", cancel, steps.await_lb_up, ctx, instance, ledger, added)
     ledger.update(instance, lb_up_at=time.time())
     _step(ledger, instance, "surge-ready", cancel, steps.surge_ready, ctx, instance, ledger)
     _step(ledger, instance, "drain", cancel, steps.drain, ctx, instance, ledger)
@@ -151,7 +151,7 @@ def _surge_instance(
     # never see a removed container, so it is UP when it goes back in rotation, before
     # the surge server leaves (else that instance has no server taking requests a moment).
     _step(ledger, instance, "move-server", cancel, steps.move_server, ctx, instance, ledger)
-    _step(ledger, instance, "await-lb-up", cancel, steps.await_lb_up, ctx, instance)
+    _step(ledger, instance, "await-lb-up", cancel, steps.await_lb_up, ctx, instance, ledger)
     _step(ledger, instance, "enable", cancel, steps.enable, ctx, instance, ledger)
     _step(ledger, instance, "remove-old", cancel, steps.remove_old, ctx, instance, ledger)
     _step(ledger, instance, "remove-surge-server", cancel, steps.remove_surge_server, ctx, instance, ledger)
@@ -170,11 +170,14 @@ def _undo_surge(ctx: Context, instance: str, ledger: Ledger) -> bool:
     def undo(step: str, call: Any) -> None:
         _step(ledger, instance, f"rollback: {step}", never, call, ctx, instance, ledger)
 
+    if record.moved:
+        undo("settle-names", steps.settle_names)
     if not record.old_removed:
         if record.moved:  # back to the old container, which still runs
-            if not record.drained:  # let what it sent to the new container finish first
-                undo("drain", steps.drain)
-                undo("wait-for-sessions", steps.wait_for_sessions)
+            # Let what it sent to the new container finish first (drained or not: after
+            # an interruption the record may say drained of a server not yet drained).
+            undo("drain", steps.drain)
+            undo("wait-for-sessions", steps.wait_for_sessions)
             undo("move-back", steps.move_back)
         if ledger[instance].drained:  # the instance's own server sends to the old container
             undo("enable", steps.enable)
@@ -210,7 +213,7 @@ def rollback_instance(ctx: Context, instance: str, ledger: Ledger) -> None:
         url = procedure.health_url(ctx.fleet.instance(instance), record)
         old_id = record.old_image_id
         _step(ledger, instance, "rollback: await-healthy", never, steps.await_healthy, ctx, instance, old_id, url)
-        _step(ledger, instance, "rollback: await-lb-up", never, steps.await_lb_up, ctx, instance)
+        _step(ledger, instance, "rollback: await-lb-up", never, steps.await_lb_up, ctx, instance, ledger)
     _step(ledger, instance, "rollback: enable", never, steps.enable, ctx, instance, ledger)
     ledger.update(instance, outcome="rolled back", step="")
 
@@ -247,6 +250,9 @@ def _preflight(
         raise PreflightError(f"registry: {error}") from None
     pinned = target.with_digest(digest)
     logger.info("%s resolves to %s; deploying that digest everywhere", target, digest)
+    # Each instance's server as the LB names it now (one that names servers by address
+    # renamed it when a surge moved the container to another port): the run uses these.
+    ctx.fleet = procedure.find_servers(ctx)
     procedure.preflight_lb(ctx)
     names = [instance.name for instance in ctx.fleet.instances]
     beside = {name: 0 for name in names}
@@ -488,6 +494,7 @@ def _deploy(
                 port_low=found.ports.low if found.ports else 0,
                 port_high=found.ports.high if found.ports else 0,
                 port=found.port,
+                lb_server=found.instance.lb_server,
             )
         )
     for name, why in unpulled.items():  # within the failure budget: left as they are

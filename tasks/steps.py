@@ -114,9 +114,9 @@ def await_healthy(ctx: Context, instance: str, image_id: str, url: str = "", con
 
 
 @task(name="await-lb-up", task_run_name="await-lb-up-{instance}", **ONCE)
-def await_lb_up(ctx: Context, instance: str, server: str = "") -> None:
-    name = server or ctx.fleet.instance(instance).lb_server
-    if procedure.await_lb_up(ctx, ctx.fleet.instance(instance), server):
+def await_lb_up(ctx: Context, instance: str, ledger: Ledger, server: str = "") -> None:
+    name = server or procedure.server_of(ctx.fleet.instance(instance), ledger)
+    if procedure.await_lb_up(ctx, ctx.fleet.instance(instance), name):
         get_run_logger().info("%s: the LB's own check sees %s UP", instance, name)
     else:
         get_run_logger().info("%s: the LB cannot tell whether it is UP; the health gate vouched for it", instance)
@@ -197,24 +197,31 @@ def remove_old(ctx: Context, instance: str, ledger: Ledger) -> None:
 
 @task(name="move-server", task_run_name="move-server-{instance}", **SAFE_TO_REPEAT)
 def move_server(ctx: Context, instance: str, ledger: Ledger) -> None:
+    before = procedure.server_of(ctx.fleet.instance(instance), ledger)
     surge.move(ctx, ctx.fleet.instance(instance), ledger)
-    server = ctx.fleet.instance(instance).lb_server
-    get_run_logger().info("%s: %s now sends to port %d", instance, server, ledger[instance].surge_port)
+    after = ledger[instance].lb_server
+    renamed = f" (now named {after})" if after != before else ""
+    get_run_logger().info("%s: %s now sends to port %d%s", instance, before, ledger[instance].surge_port, renamed)
 
 
 @task(name="move-back", task_run_name="move-back-{instance}", **SAFE_TO_REPEAT)
 def move_back(ctx: Context, instance: str, ledger: Ledger) -> None:
     surge.move_back(ctx, ctx.fleet.instance(instance), ledger)
-    server = ctx.fleet.instance(instance).lb_server
+    server = ledger[instance].lb_server
     get_run_logger().info("%s: %s sends to the old container again (port %d)", instance, server, ledger[instance].port)
+
+
+@task(name="settle-names", task_run_name="settle-names-{instance}", **SAFE_TO_REPEAT)
+def settle_names(ctx: Context, instance: str, ledger: Ledger) -> None:
+    surge.settle_names(ctx, ctx.fleet.instance(instance), ledger)
 
 
 @task(name="remove-surge-server", task_run_name="remove-surge-server-{instance}", **ONCE)
 def remove_surge_server(ctx: Context, instance: str, ledger: Ledger) -> None:
-    name = ledger[instance].surge_server
+    names = surge.surge_servers(ctx, ctx.fleet.instance(instance), ledger)
     surge.unregister(ctx, ctx.fleet.instance(instance), ledger)
-    if name:
-        get_run_logger().info("%s: %s removed from the LB", instance, name)
+    if names:
+        get_run_logger().info("%s: %s removed from the LB", instance, ", ".join(names))
 
 
 @task(name="remove-second", task_run_name="remove-second-{instance}", **SAFE_TO_REPEAT)

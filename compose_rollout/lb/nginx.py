@@ -84,6 +84,8 @@ class ServerLine:
     start: int  # of the parameters, just after the address
     end: int  # of the parameters, at the `;`
     down: bool
+    begin: int  # of the directive (its indentation included)
+    address_start: int
 
 
 def server_lines(text: str, upstream: str, where: str) -> dict[str, ServerLine]:
@@ -96,7 +98,9 @@ def server_lines(text: str, upstream: str, where: str) -> dict[str, ServerLine]:
         params = text[match.start(3) : match.end(3)].split()
         if address in lines:
             raise LoadBalancerError(f"{where}: `upstream {upstream}` lists server {address} twice")
-        lines[address] = ServerLine(address, match.end(2), match.start(4), "down" in params)
+        lines[address] = ServerLine(
+            address, match.end(2), match.start(4), "down" in params, match.start(1), match.start(2)
+        )
     return lines
 
 
@@ -113,6 +117,42 @@ def with_down(text: str, upstream: str, address: str, down: bool, where: str) ->
     else:
         params = re.sub(r"[ \t]+down(?=[ \t]|$)", "", params, count=1)
     return text[: line.start] + params + text[line.end :]
+
+
+def _line(text: str, upstream: str, address: str, where: str) -> ServerLine:
+    line = server_lines(text, upstream, where).get(address)
+    if line is None:
+        raise LoadBalancerError(f"{where}: `upstream {upstream}` has no `server {address}` line")
+    return line
+
+
+def with_server_added(text: str, upstream: str, beside: str, address: str, where: str) -> str:
+    """`text` with a `server ADDRESS ... down;` line after `beside`'s line, with its
+    parameters (as is, if there is one already)."""
+    if address in server_lines(text, upstream, where):
+        return text
+    line = _line(text, upstream, beside, where)
+    directive = text[line.begin : line.address_start] + address + text[line.start : line.end + 1]
+    newline = text.find("\n", line.end)
+    at = len(text) if newline < 0 else newline
+    added = text[:at] + "\n" + directive + text[at:]
+    return with_down(added, upstream, address, True, where)
+
+
+def with_server_renamed(text: str, upstream: str, address: str, new: str, where: str) -> str:
+    """`text` with the server line of `address` sending to `new` instead, nothing else changed."""
+    line = _line(text, upstream, address, where)
+    return text[: line.address_start] + new + text[line.start :]
+
+
+def without_server(text: str, upstream: str, address: str, where: str) -> str:
+    """`text` without the server line of `address` (the whole line, when it holds only that)."""
+    line = _line(text, upstream, address, where)  # a server line starts its line
+    end = text.find("\n", line.end)
+    end = len(text) if end < 0 else end
+    if _code(text[line.end + 1 : end]).strip():
+        return text[: line.begin] + text[line.end + 1 :]  # another directive on the same line stays
+    return text[: line.begin] + text[end + 1 :]
 
 
 @dataclass(frozen=True)
@@ -146,8 +186,9 @@ class NginxLoadBalancer:
         self.where = f"nginx {settings.ssh_host}:{settings.upstream_file}"
         self._edit = threading.Lock()  # batch_size > 1 drains in parallel; edits go one at a time
 
-    # Adding and removing a server line is possible; the surge strategy will bring it.
-    capabilities: frozenset[Capability] = frozenset()
+    # The surge strategy: a server is added as a `down` line after the one it is beside,
+    # moved by rewriting its address, removed by deleting its line (each one reload).
+    capabilities: frozenset[Capability] = frozenset({"add_server", "move_server", "remove_server"})
 
     @property
     def backend(self) -> str:
@@ -181,6 +222,58 @@ class NginxLoadBalancer:
 
     def recheck(self, server: str) -> bool:
         return False  # no active health check in open-source nginx
+
+    def server_address(self, server: str) -> tuple[str, int]:
+        """(host, port) of a server named HOST:PORT (a unix socket or a name without a
+        port cannot be followed to another port)."""
+        host, _, port = server.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise LoadBalancerError(f"{self.where}: server {server!r} is not HOST:PORT; its port cannot be changed")
+        return host, int(port)
+
+    def add_server(self, name: str, beside: str, port: int) -> str:
+        """A `down` line for `beside`'s host at `port`, after `beside`'s line, with its parameters."""
+        host, _ = self.server_address(beside)
+        added = f"{host}:{port}"
+        with self._edit:
+            self._change(lambda text: with_server_added(text, self.settings.upstream, beside, added, self.where))
+        return added
+
+    def move_server(self, server: str, port: int) -> str:
+        """The drained server's line sends to `port` (or, when there is a line for that
+        address already, goes: that one is the server from now on)."""
+        host, _ = self.server_address(server)
+        target = f"{host}:{port}"
+        if target == server:
+            return target
+        upstream = self.settings.upstream
+        with self._edit:
+            lines = server_lines(self._text(), upstream, self.where)
+            if server not in lines:
+                if target in lines:
+                    return target  # moved already
+                raise LoadBalancerError(f"{self.where}: `upstream {upstream}` has neither {server} nor {target}")
+            if not lines[server].down:
+                raise LoadBalancerError(f"{self.where}: refusing to move {server}, which is in rotation (not `down`)")
+            if target in lines:
+                self._change(lambda text: without_server(text, upstream, server, self.where))
+            else:
+                self._change(lambda text: with_server_renamed(text, upstream, server, target, self.where))
+        return target
+
+    def remove_server(self, name: str) -> None:
+        """Delete the `down` line of a server with no connection left."""
+        upstream = self.settings.upstream
+        with self._edit:
+            line = server_lines(self._text(), upstream, self.where).get(name)
+            if line is None:
+                return
+            if not line.down:
+                raise LoadBalancerError(f"{self.where}: refusing to remove {name}, which is in rotation (not `down`)")
+            connections = self._connections(name)
+            if connections:
+                raise LoadBalancerError(f"{self.where}: refusing to remove {name}: {connections} connections to it")
+            self._change(lambda text: without_server(text, upstream, name, self.where))
 
     def _nginx(self, *args: str) -> list[str]:
         config = ["-c", self.settings.main_config] if self.settings.main_config else []

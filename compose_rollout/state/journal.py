@@ -72,6 +72,10 @@ class InstanceRecord:
     port_low: int = 0
     port_high: int = 0
     port: int = 0
+    # The instance's LB server now: as the run found it, then as it named it after a
+    # move (an LB that names servers by HOST:PORT renames one that moves). "" in a
+    # journal written before it was recorded: the fleet file's `lb_server`.
+    lb_server: str = ""
     old_container: str = ""
     # The surge strategy (`surge.py`), write-ahead like the flags above.
     strategy: str = "in-place"

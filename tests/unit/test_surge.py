@@ -14,7 +14,8 @@ from compose_rollout.errors import PreflightError
 from compose_rollout.lb.base import Capability
 from compose_rollout.ports import Ports, host_ports, published_range, reached_at
 from compose_rollout.procedure import Context
-from tests.unit.fakes import FakeClock, FakeHost, FakeLB, fleet
+from compose_rollout.state.journal import InstanceRecord, Ledger
+from tests.unit.fakes import FakeClock, FakeHost, FakeLB, FakeServer, fleet
 
 RANGE_COMPOSE = """services:
   server:
@@ -31,10 +32,10 @@ class SurgeLB(FakeLB):
     def server_address(self, server: str) -> tuple[str, int]:
         return "10.0.0.1", 8080
 
-    def add_server(self, name: str, beside: str, port: int) -> None:
+    def add_server(self, name: str, beside: str, port: int) -> str:
         raise AssertionError("preflight must not add a server")
 
-    def move_server(self, server: str, port: int) -> None:
+    def move_server(self, server: str, port: int) -> str:
         raise AssertionError("preflight must not move a server")
 
     def remove_server(self, name: str) -> None:
@@ -80,7 +81,7 @@ def surge_preflight(
     host.on(["cat", "/proc/meminfo"], lambda argv: f"MemTotal: 8000000 kB\nMemAvailable: {available_kb} kB\n")
     ctx = Context(
         fleet=the_fleet,
-        hosts={"app-1": host},  # type: ignore[dict-item]
+        hosts={"app-1": host},
         lb=lb or SurgeLB(["app-1", "app-2"]),  # type: ignore[arg-type]
         clock=FakeClock(),
     )
@@ -140,3 +141,93 @@ def test_a_health_url_on_the_range_is_moved_to_the_port_the_container_got() -> N
     assert ports.url_at("http://10.0.0.1:8080/health?x=1", 8081) == "http://10.0.0.1:8081/health?x=1"
     assert ports.url_at("http://[fd00::1]:8080/health", 8081) == "http://[fd00::1]:8081/health"
     assert ports.url_at("http://10.0.0.1:9090/health", 8081) == "http://10.0.0.1:9090/health"  # another port
+
+
+NGINX = {"kind": "nginx", "ssh_host": "10.0.0.9", "upstream_file": "/etc/nginx/conf.d/app.conf", "upstream": "app"}
+
+
+class AddressLB(FakeLB):
+    """A fake LB that names servers by HOST:PORT, as nginx, Caddy and Traefik do."""
+
+    capabilities: frozenset[Capability] = frozenset({"add_server", "move_server", "remove_server"})
+
+    def server_address(self, server: str) -> tuple[str, int]:
+        host, _, port = server.rpartition(":")
+        return host, int(port)
+
+    def add_server(self, name: str, beside: str, port: int) -> str:
+        added = f"{self.server_address(beside)[0]}:{port}"
+        self.servers_[added] = FakeServer(admin="drain")
+        return added
+
+    def move_server(self, server: str, port: int) -> str:
+        target = f"{self.server_address(server)[0]}:{port}"
+        assert self.servers_[server].admin == "drain", "moved while in rotation"
+        if target not in self.servers_:
+            self.servers_[target] = self.servers_[server]
+        del self.servers_[server]
+        return target
+
+    def remove_server(self, name: str) -> None:
+        self.servers_.pop(name, None)
+
+
+def surge_ledger(lb: AddressLB, **record: Any) -> tuple[Context, Ledger]:
+    instances = [
+        {"name": "app-1", "host": "10.0.0.1", "project_directory": "/srv/app-1", "lb_server": "10.0.0.1:8080",
+         "health_url": "http://10.0.0.1:8080/health"}
+    ]  # fmt: skip
+    the_fleet = fleet(instances=instances, load_balancer=NGINX, rollout={"strategy": "surge"})
+    ctx = Context(fleet=the_fleet, hosts={}, lb=lb, clock=FakeClock())
+    ledger = Ledger("demo", "run", "app:v2")
+    ledger.add(InstanceRecord("app-1", "/srv/app-1/docker-compose.yml", "app:v1", "sha256:1", b"", 0o644, **record))
+    return ctx, ledger
+
+
+def test_by_address_the_own_server_moved_onto_the_surge_one_becomes_it_in_rotation() -> None:
+    lb = AddressLB(["10.0.0.1:8080"])
+    ctx, ledger = surge_ledger(lb, lb_server="10.0.0.1:8080", surge_port=8081, port=8080)
+    instance = ctx.fleet.instance("app-1")
+    surge.register(ctx, instance, ledger)
+    assert ledger["app-1"].surge_server == "10.0.0.1:8081"
+    lb.set_state("10.0.0.1:8081", "ready")
+    procedure.drain(ctx, instance, ledger)
+    surge.move(ctx, instance, ledger)
+    record = ledger["app-1"]
+    assert (record.lb_server, record.surge_server, record.port, record.drained) == ("10.0.0.1:8081", "", 8081, False)
+    assert set(lb.servers_) == {"10.0.0.1:8081"} and lb.servers_["10.0.0.1:8081"].admin == "ready"
+    assert surge.surge_servers(ctx, instance, ledger) == []  # nothing left to retire
+
+
+def test_a_move_the_run_did_not_record_is_found_before_the_rollback() -> None:
+    # Interrupted between the LB's move and the journal: the record still names 8080.
+    lb = AddressLB(["10.0.0.1:8081"])
+    ctx, ledger = surge_ledger(
+        lb, lb_server="10.0.0.1:8080", surge_server="10.0.0.1:8081", surge_port=8081, port=8080, moved=True
+    )
+    surge.settle_names(ctx, ctx.fleet.instance("app-1"), ledger)
+    record = ledger["app-1"]
+    assert (record.lb_server, record.surge_server, record.port) == ("10.0.0.1:8081", "", 8081)
+
+
+def test_a_surge_server_named_by_address_before_the_run_recorded_its_name_is_still_found() -> None:
+    lb = AddressLB(["10.0.0.1:8080", "10.0.0.1:8081", "10.0.0.2:8081"])
+    ctx, ledger = surge_ledger(lb, lb_server="10.0.0.1:8080", surge_server="app-1-surge", surge_port=8081)
+    assert surge.surge_servers(ctx, ctx.fleet.instance("app-1"), ledger) == ["10.0.0.1:8081"]
+
+
+def test_the_next_run_finds_the_server_at_the_port_its_container_has_now() -> None:
+    lb = AddressLB(["10.0.0.1:8081", "10.0.0.2:8080"])
+    instances = [
+        {"name": f"app-{n}", "host": f"10.0.0.{n}", "project_directory": f"/srv/app-{n}",
+         "lb_server": f"10.0.0.{n}:8080", "health_url": f"http://10.0.0.{n}:8080/health"}
+        for n in (1, 2)
+    ]  # fmt: skip
+    host = FakeHost("app-1")
+    host.on(["docker", "ps"], lambda argv: "c1\n")
+    host.on(["docker", "container", "inspect"], lambda argv: json.dumps([inspection("8080-8081", got="8081")]))
+    ctx = Context(
+        fleet=fleet(instances=instances, load_balancer=NGINX), hosts={"app-1": host}, lb=lb, clock=FakeClock()
+    )
+    found = procedure.find_servers(ctx)
+    assert [i.lb_server for i in found.instances] == ["10.0.0.1:8081", "10.0.0.2:8080"]
