@@ -149,6 +149,20 @@ class CaddyFront:
         counts = {entry["address"]: int(entry["num_requests"]) for entry in json.loads(body)}
         return {server: counts.get(server, 0) for server in self.servers}
 
+    def _dials(self, handler: str) -> set[str]:
+        status, body = self._admin("GET", f"/id/{handler}/upstreams")
+        if status != 200:
+            raise TestbedError(f"Caddy's GET /id/{handler}/upstreams: HTTP {status}: {body[:300]!r}")
+        return {upstream["dial"] for upstream in json.loads(body)}
+
+    def serving(self) -> set[str]:
+        """The upstreams of the instances' handler in the running config."""
+        return self._dials(UPSTREAMS_ID)
+
+    def known(self) -> set[str]:
+        """The parking handler's upstreams: every upstream, in rotation or drained."""
+        return self._dials(PARKING_ID)
+
     def view(self) -> dict[str, str]:
         """Each server: `in rotation` while the handler lists it, else `drained`."""
         status, body = self._admin("GET", f"/id/{UPSTREAMS_ID}/upstreams")

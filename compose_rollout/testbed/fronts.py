@@ -42,6 +42,16 @@ class Front(Protocol):
         """Each server (by the LB's name for it) as this LB sees it now."""
         ...
 
+    def serving(self) -> set[str]:
+        """Every server (HOST:PORT) this LB sends new requests to now, those a run added
+        included: what the surge tests sample."""
+        ...
+
+    def known(self) -> set[str]:
+        """Every server the LB has, in rotation or drained (for Traefik: those its API
+        lists; a drained one is only in the adapter's record beside the file)."""
+        ...
+
 
 FRONTS: dict[str, type[Front]] = {
     "nginx": nginx.NginxFront,

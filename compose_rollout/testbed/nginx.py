@@ -6,6 +6,7 @@ The upstream block is a file of its own, the way a team would keep it in
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -121,6 +122,18 @@ class NginxFront:
             listed = run(["ss", "-H", "-t", "-n", "-p", "state", "established", "dst", server], timeout=10)
             counts[server] = sum('(("nginx",' in line for line in listed.stdout.splitlines())
         return counts
+
+    def _lines(self) -> dict[str, bool]:
+        """Each server line of the upstream file (the bed writes only that block): down?"""
+        found = re.findall(r"^\s*server\s+([^\s;]+)([^;]*);", self.upstream_file.read_text(), re.MULTILINE)
+        return {address: "down" in params.split() for address, params in found}
+
+    def serving(self) -> set[str]:
+        """The server lines without `down` (the file as the adapter left it, reloaded)."""
+        return {address for address, down in self._lines().items() if not down}
+
+    def known(self) -> set[str]:
+        return set(self._lines())
 
     def view(self) -> dict[str, str]:
         """Each server: `down` or `up` as the upstream file says."""

@@ -184,6 +184,16 @@ class TraefikFront:
             counts[server] = sum('(("traefik",' in line for line in listed.stdout.splitlines())
         return counts
 
+    def serving(self) -> set[str]:
+        """The servers the service lists that Traefik does not see DOWN."""
+        service = self._service()
+        statuses = service.get("serverStatus", {})
+        listed = [server["url"] for server in service["loadBalancer"]["servers"]]
+        return {url.removeprefix("http://") for url in listed if statuses.get(url, "UP") == "UP"}
+
+    def known(self) -> set[str]:
+        return {server["url"].removeprefix("http://") for server in self._service()["loadBalancer"]["servers"]}
+
     def view(self) -> dict[str, str]:
         """Each server as Traefik's API shows it: its serverStatus (UP, DOWN) while the
         service lists it, `out` when it does not."""
