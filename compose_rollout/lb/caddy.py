@@ -280,38 +280,47 @@ class CaddyLoadBalancer:
     def set_state(self, server: str, state: ServerAction) -> None:
         """`drain`: the upstream leaves the handler's list; `ready`: its parked entry goes back."""
         check_dial(server, self.where)
-        with self._edit:
-            for _ in range(EDIT_ATTEMPTS):
-                body, pools = self._pools()
-                if pools.parked(server) is None:
-                    raise LoadBalancerError(f"{self.backend} has no upstream {server}")
-                if state == "drain":
-                    changed = without(pools, server, self.settings.upstreams_id, self.where)
-                else:
-                    changed = with_back(pools, server, self.settings.parking_id, self.where)
-                if changed is None:
-                    return
-                path = f"/id/{self.settings.upstreams_id}/upstreams"
-                headers = {"Content-Type": "application/json", "If-Match": config_etag(CONFIG_PATH, body)}
-                try:
-                    answer = self.admin.request("PATCH", path, json.dumps(changed).encode(), headers)
-                except AnswerLost:
-                    continue  # applied or not: the next read tells (and a change made is not made twice)
-                if answer.status != 412:  # 412: the config changed since it was read
-                    self._expect(answer, f"PATCH {path} ({state} {server})")
-                    if state == "drain":
-                        self._sleep(DRAIN_SETTLE_SECONDS)
-                    return
-        raise LoadBalancerError(
-            f"{self.where}: could not {state} {server}: {EDIT_ATTEMPTS} times in a row the config changed between "
-            "reading it and changing it (HTTP 412 to If-Match) or the answer to the change was lost"
-        )
+
+        def change(pools: Pools) -> list[Upstream] | None:
+            if pools.parked(server) is None:
+                raise LoadBalancerError(f"{self.backend} has no upstream {server}")
+            if state == "drain":
+                return without(pools, server, self.settings.upstreams_id, self.where)
+            return with_back(pools, server, self.settings.parking_id, self.where)
+
+        if self._patch_upstreams(self.settings.upstreams_id, f"{state} {server}", change) and state == "drain":
+            self._sleep(DRAIN_SETTLE_SECONDS)
 
     def shutdown_sessions(self, server: str) -> None:
         """Caddy cannot cut one upstream's requests; stopping the container does."""
 
     def recheck(self, server: str) -> bool:
         return False  # no health state to read or reset through the admin API
+
+    def _patch_upstreams(self, object_id: str, what: str, change: Callable[[Pools], list[Upstream] | None]) -> bool:
+        """PATCH the `upstreams` of handler `object_id` with `change` of the config just read
+        (None: nothing left to do), with If-Match on that config: True once Caddy applied
+        it, False if there was nothing to do. A 412 or a lost answer means read and compute
+        again, EDIT_ATTEMPTS times in all."""
+        path = f"/id/{object_id}/upstreams"
+        with self._edit:
+            for _ in range(EDIT_ATTEMPTS):
+                body, pools = self._pools()
+                changed = change(pools)
+                if changed is None:
+                    return False
+                headers = {"Content-Type": "application/json", "If-Match": config_etag(CONFIG_PATH, body)}
+                try:
+                    answer = self.admin.request("PATCH", path, json.dumps(changed).encode(), headers)
+                except AnswerLost:
+                    continue  # applied or not: the next read tells (and a change made is not made twice)
+                if answer.status != 412:  # 412: the config changed since it was read
+                    self._expect(answer, f"PATCH {path} ({what})")
+                    return True
+        raise LoadBalancerError(
+            f"{self.where}: could not {what}: {EDIT_ATTEMPTS} times in a row the config changed between "
+            "reading it and changing it (HTTP 412 to If-Match) or the answer to the change was lost"
+        )
 
     def _view(self, name: str, pools: Pools, counts: Mapping[str, int]) -> CaddyUpstream:
         if name not in counts:  # the parking handler names it, so Caddy counts it: never guess 0
