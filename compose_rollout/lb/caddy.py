@@ -31,6 +31,13 @@ the state in memory only (logs and a Prometheus gauge refreshed every 10 s), an 
 put back starts healthy before its first check, and every config load (every drain and
 ready) resets every upstream to healthy. `up` is None: compose-rollout's own health gate
 probes the instance before it is put back.
+
+The surge strategy's servers are named by their dial address too. Adding one parks a
+copy of the entry it is added beside, at the new port, right after it: drained until
+ready puts it in the handler's list. Moving a drained server rewrites the dial of its
+parked entry; where the surge's server is parked at that address already, the drained
+entry is dropped and the surge's server is the instance's from then on. Removing one
+drops its parked entry once it is out of the handler's list with no request in flight.
 """
 
 from __future__ import annotations
@@ -210,6 +217,39 @@ def with_back(pools: Pools, address: str, parking_id: str, where: str) -> list[U
     return [*pools.upstreams[:position], entry, *pools.upstreams[position:]]
 
 
+def with_added(pools: Pools, address: str, beside: str, parking_id: str, where: str) -> list[Upstream] | None:
+    """The parking list with a copy of `beside`'s entry dialling `address`, right after
+    `beside` (so ready puts it next to `beside`); None if `address` is parked already."""
+    if pools.parked(address) is not None:
+        return None
+    entry = pools.parked(beside)
+    if entry is None:
+        raise LoadBalancerError(f'{where}: the parking handler "@id": "{parking_id}" has no upstream {beside}')
+    position = pools.parking.index(entry) + 1
+    return [*pools.parking[:position], {**entry, "dial": address}, *pools.parking[position:]]
+
+
+def with_moved(
+    pools: Pools, server: str, target: str, upstreams_id: str, parking_id: str, where: str
+) -> list[Upstream] | None:
+    """The parking list with drained `server` dialling `target` instead (its fields and
+    place kept), or without it where `target` is parked already; None if only `target`
+    is there (moved before)."""
+    entry, there = pools.parked(server), pools.parked(target)
+    if entry is None:
+        if there is not None:
+            return None
+        raise LoadBalancerError(f'{where}: the parking handler "@id": "{parking_id}" has neither {server} nor {target}')
+    if pools.live(server):
+        raise LoadBalancerError(
+            f'{where}: refusing to move {server} to {target}: it is in "@id": "{upstreams_id}" and takes new '
+            "requests; drain it first"
+        )
+    if there is not None:
+        return [upstream for upstream in pools.parking if upstream["dial"] != server]
+    return [{**upstream, "dial": target} if upstream["dial"] == server else upstream for upstream in pools.parking]
+
+
 def parse_counts(body: bytes, where: str) -> dict[str, int]:
     """`num_requests` by address from `GET /reverse_proxy/upstreams`."""
     try:
@@ -255,7 +295,7 @@ class CaddyLoadBalancer:
         self._sleep = sleep
         self._edit = threading.Lock()  # batch_size > 1 drains in parallel; edits go one at a time
 
-    capabilities: frozenset[Capability] = frozenset()
+    capabilities: frozenset[Capability] = frozenset({"add_server", "remove_server", "move_server"})
 
     @property
     def backend(self) -> str:
@@ -290,6 +330,55 @@ class CaddyLoadBalancer:
 
         if self._patch_upstreams(self.settings.upstreams_id, f"{state} {server}", change) and state == "drain":
             self._sleep(DRAIN_SETTLE_SECONDS)
+
+    def server_address(self, server: str) -> tuple[str, int]:
+        """The upstream's name is where Caddy sends it: HOST:PORT."""
+        host, _, port = check_dial(server, self.where).rpartition(":")
+        return host, int(port)
+
+    def add_server(self, name: str, beside: str, port: int) -> str:
+        """Park a copy of `beside`'s entry at `port` of its address, drained: `set_state(...,
+        "ready")` puts it in the handler's list. Its name is that address (`name` is not used)."""
+        host, _ = self.server_address(beside)
+        address = check_dial(f"{host}:{port}", self.where)
+        if address == beside:
+            raise LoadBalancerError(f"{self.where}: cannot add a server beside {beside} at its own port {port}")
+
+        def change(pools: Pools) -> list[Upstream] | None:
+            return with_added(pools, address, beside, self.settings.parking_id, self.where)
+
+        self._patch_upstreams(self.settings.parking_id, f"add {address} beside {beside}", change)
+        return address
+
+    def move_server(self, server: str, port: int) -> str:
+        """Dial drained `server`'s parked entry at `port`; where the surge's server is parked
+        at that address already, drop `server`'s entry and that one takes over. The name
+        afterwards is the new address."""
+        host, _ = self.server_address(server)
+        target = check_dial(f"{host}:{port}", self.where)
+        if target == server:
+            return server
+
+        def change(pools: Pools) -> list[Upstream] | None:
+            return with_moved(pools, server, target, self.settings.upstreams_id, self.settings.parking_id, self.where)
+
+        self._patch_upstreams(self.settings.parking_id, f"move {server} to {target}", change)
+        return target
+
+    def remove_server(self, name: str) -> None:
+        """Drop a drained upstream with no request in flight from the parking list, after
+        which Caddy no longer counts it."""
+        check_dial(name, self.where)
+
+        def change(pools: Pools) -> list[Upstream] | None:
+            if pools.parked(name) is None:
+                return None
+            view = self._view(name, pools, self._counts())
+            if view.in_rotation or view.sessions:
+                raise LoadBalancerError(f"{self.where}: refusing to remove {name}: {view.describe()}")
+            return [upstream for upstream in pools.parking if upstream["dial"] != name]
+
+        self._patch_upstreams(self.settings.parking_id, f"remove {name}", change)
 
     def shutdown_sessions(self, server: str) -> None:
         """Caddy cannot cut one upstream's requests; stopping the container does."""

@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from compose_rollout.config import load_fleet
 from compose_rollout.errors import AnswerLost, LoadBalancerError
 from compose_rollout.lb.admin_http import Answer, HttpAdmin, Stream, request_head
+from compose_rollout.lb.base import SURGE_NEEDS, AddsServers, require
 from compose_rollout.lb.caddy import (
     DRAIN_SETTLE_SECONDS,
     EDIT_ATTEMPTS,
@@ -399,7 +400,7 @@ class FakeCaddy:
                 return Answer(400, b'{"error":"unacceptable content-type: ; \'application/json\' required"}\n')
             if self.changes_by_others:
                 self.changes_by_others -= 1
-                self.config.setdefault("logging", {})["n"] = self.changes_by_others
+                self.config.setdefault("logging", {})["n"] = len(self.calls)  # a new value every time
             if headers.get("If-Match") != config_etag("/config/", self.body()):
                 return Answer(412, b'{"error":"If-Match header did not match current config hash"}\n')
             object_id = path.split("/")[2]
@@ -415,6 +416,12 @@ class FakeCaddy:
 
     def live(self) -> list[dict[str, Any]]:
         return next(o for o in _objects(self.config) if o.get("@id") == "app_upstreams")["upstreams"]  # type: ignore[no-any-return]
+
+    def parking(self) -> list[dict[str, Any]]:
+        return next(o for o in _objects(self.config) if o.get("@id") == "rollout_parking")["upstreams"]  # type: ignore[no-any-return]
+
+    def patches(self) -> list[tuple[str, Any]]:
+        return [(path, body) for method, path, body in self.calls if method == "PATCH"]
 
 
 @pytest.fixture
@@ -538,6 +545,162 @@ def test_no_cut_and_no_recheck(lb: CaddyLoadBalancer, fake: FakeCaddy) -> None:
     lb.shutdown_sessions(B)
     assert lb.recheck(B) is False
     assert fake.calls == []
+
+
+# --- adding, moving and removing servers (the surge strategy) ------------------------------------------------------
+
+B2 = "10.0.1.2:8081"  # B's address at the port a second container got
+PARKING_PATH = "/id/rollout_parking/upstreams"
+
+
+def test_caddy_declares_and_implements_what_surge_needs(lb: CaddyLoadBalancer, fake: FakeCaddy) -> None:
+    require(lb, SURGE_NEEDS, "rollout.strategy: surge")
+    assert isinstance(lb, AddsServers)
+    assert lb.server_address(B) == ("10.0.1.2", 8080)
+    assert lb.server_address("10.0.9.9:81") == ("10.0.9.9", 81)  # not in Caddy: read from the name
+    with pytest.raises(LoadBalancerError, match="is not a dial address"):
+        lb.server_address("app-2")
+    assert fake.calls == []
+
+
+def test_an_added_server_is_parked_beside_its_model_and_ready_puts_it_in_rotation_next_to_it(
+    lb: CaddyLoadBalancer, fake: FakeCaddy
+) -> None:
+    live = copy.deepcopy(fake.live())
+    assert lb.add_server("10.0.1.2:8080-surge", B, 8081) == B2
+    assert fake.live() == live
+    assert fake.parking() == [
+        {"dial": A},
+        {"dial": B, "max_requests": 10},
+        {"dial": B2, "max_requests": 10},
+        {"dial": C},
+    ]
+    added = lb.server(B2)
+    assert (added.drained, added.in_rotation, added.sessions) == (True, False, 0)
+    lb.set_state(B2, "ready")
+    assert fake.live() == [{"dial": A}, {"dial": B, "max_requests": 10}, {"dial": B2, "max_requests": 10}, {"dial": C}]
+    assert fake.patches()[0] == (PARKING_PATH, fake.parking())
+
+
+def test_adding_again_after_a_crash_changes_nothing_and_names_the_same_server(
+    lb: CaddyLoadBalancer, fake: FakeCaddy
+) -> None:
+    lb.add_server("x", B, 8081)
+    lb.set_state(B2, "ready")
+    live, parked = copy.deepcopy(fake.live()), copy.deepcopy(fake.parking())
+    assert lb.add_server("x", B, 8081) == B2
+    assert (fake.live(), fake.parking()) == (live, parked)
+    assert len(fake.patches()) == 2
+
+
+def test_a_server_is_not_added_beside_one_caddy_lacks_or_at_its_own_port(
+    lb: CaddyLoadBalancer, fake: FakeCaddy
+) -> None:
+    with pytest.raises(LoadBalancerError, match=r'"rollout_parking" has no upstream 10\.0\.1\.9:8080'):
+        lb.add_server("x", "10.0.1.9:8080", 8081)
+    with pytest.raises(LoadBalancerError, match=r"beside 10\.0\.1\.2:8080 at its own port 8080"):
+        lb.add_server("x", B, 8080)
+    with pytest.raises(LoadBalancerError, match="is not a dial address"):
+        lb.add_server("x", B, 0)
+    assert fake.patches() == []
+
+
+def test_moving_a_drained_server_rewrites_its_dial_in_place(lb: CaddyLoadBalancer, fake: FakeCaddy) -> None:
+    lb.set_state(B, "drain")
+    assert lb.move_server(B, 8081) == B2
+    assert fake.parking() == [{"dial": A}, {"dial": B2, "max_requests": 10}, {"dial": C}]
+    assert fake.live() == [{"dial": A}, {"dial": C}]  # still drained
+    assert lb.move_server(B, 8081) == B2  # done before: nothing to do
+    assert len(fake.patches()) == 2
+    lb.set_state(B2, "ready")
+    assert fake.live() == [{"dial": A}, {"dial": B2, "max_requests": 10}, {"dial": C}]
+
+
+def test_moving_onto_the_surge_server_drops_the_drained_one_and_keeps_the_other_as_it_is(
+    lb: CaddyLoadBalancer, fake: FakeCaddy
+) -> None:
+    lb.add_server("x", B, 8081)
+    lb.set_state(B2, "ready")
+    lb.set_state(B, "drain")
+    assert lb.move_server(B, 8081) == B2
+    after = [{"dial": A}, {"dial": B2, "max_requests": 10}, {"dial": C}]
+    assert (fake.parking(), fake.live()) == (after, after)
+    assert lb.move_server(B, 8081) == B2
+    assert (fake.parking(), fake.live()) == (after, after)
+    assert len(fake.patches()) == 4
+
+
+def test_a_move_to_the_same_port_is_no_change(lb: CaddyLoadBalancer, fake: FakeCaddy) -> None:
+    assert lb.move_server(B, 8080) == B
+    assert fake.calls == []
+
+
+def test_a_server_in_rotation_is_not_moved(lb: CaddyLoadBalancer, fake: FakeCaddy) -> None:
+    with pytest.raises(LoadBalancerError, match=r"refusing to move 10\.0\.1\.2:8080 to 10\.0\.1\.2:8081: it is in"):
+        lb.move_server(B, 8081)
+    lb.add_server("x", B, 8081)
+    parked = copy.deepcopy(fake.parking())
+    with pytest.raises(LoadBalancerError, match="drain it first"):
+        lb.move_server(B, 8081)  # also not onto a server that is there
+    assert fake.parking() == parked and len(fake.live()) == 3
+
+
+def test_a_move_of_a_server_caddy_lacks_names_both_addresses(lb: CaddyLoadBalancer, fake: FakeCaddy) -> None:
+    with pytest.raises(LoadBalancerError, match=r"has neither 10\.0\.1\.9:8080 nor 10\.0\.1\.9:8081"):
+        lb.move_server("10.0.1.9:8080", 8081)
+    assert fake.patches() == []
+
+
+def test_a_server_is_removed_only_out_of_rotation_and_with_nothing_in_flight(
+    lb: CaddyLoadBalancer, fake: FakeCaddy
+) -> None:
+    lb.add_server("x", B, 8081)
+    lb.set_state(B2, "ready")
+    with pytest.raises(LoadBalancerError, match=r"refusing to remove 10\.0\.1\.2:8081: in rotation"):
+        lb.remove_server(B2)
+    lb.set_state(B2, "drain")
+    fake.in_flight[B2] = 1
+    with pytest.raises(LoadBalancerError, match=r"refusing to remove 10\.0\.1\.2:8081: drained .*, 1 requests in"):
+        lb.remove_server(B2)
+    assert lb.server(B2).drained
+    fake.in_flight[B2] = 0
+    lb.remove_server(B2)
+    every = config()["apps"]["http"]["servers"]["web"]["routes"][1]["handle"][0]["upstreams"]
+    assert (fake.parking(), fake.live()) == (every, every)
+    patches = len(fake.patches())
+    lb.remove_server(B2)  # gone: nothing to do
+    assert len(fake.patches()) == patches
+    with pytest.raises(LoadBalancerError, match="has no upstream"):
+        lb.server(B2)
+
+
+@pytest.mark.parametrize("interruption", ["changes_by_others", "answers_lost"])
+def test_adding_moving_and_removing_read_again_after_a_change_in_between_or_a_lost_answer(
+    lb: CaddyLoadBalancer, fake: FakeCaddy, interruption: str
+) -> None:
+    setattr(fake, interruption, 1)
+    lb.add_server("x", B, 8081)
+    assert [u["dial"] for u in fake.parking()] == [A, B, B2, C]
+    lb.set_state(A, "drain")
+    setattr(fake, interruption, 1)
+    assert lb.move_server(A, 8082) == "10.0.1.1:8082"
+    assert [u["dial"] for u in fake.parking()] == ["10.0.1.1:8082", B, B2, C]
+    setattr(fake, interruption, 1)
+    lb.remove_server(B2)
+    assert [u["dial"] for u in fake.parking()] == ["10.0.1.1:8082", B, C]
+    # Each of the three was read twice; a change whose answer was lost was not sent again.
+    assert len(fake.patches()) == (7 if interruption == "changes_by_others" else 4)
+
+
+def test_a_config_that_keeps_changing_fails_an_add_after_the_bounded_attempts(
+    lb: CaddyLoadBalancer, fake: FakeCaddy
+) -> None:
+    fake.changes_by_others = EDIT_ATTEMPTS
+    with pytest.raises(
+        LoadBalancerError, match=rf"could not add 10\.0\.1\.2:8081 beside 10\.0\.1\.2:8080: {EDIT_ATTEMPTS} times"
+    ):
+        lb.add_server("x", B, 8081)
+    assert len(fake.parking()) == 3
 
 
 # --- HTTP over a stream ----------------------------------------------------------------------------------------------
