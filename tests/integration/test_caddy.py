@@ -295,3 +295,75 @@ def test_the_documented_caddy_config_is_valid_and_accepted_by_the_adapter(tmp_pa
         == ["10.0.1.11:8080", "10.0.1.12:8080"]
         == [u["dial"] for u in found.parking]
     )
+
+
+@pytest.mark.timeout(60)
+def test_a_surge_through_caddy_adds_readies_moves_and_removes_a_server(caddy: Caddy) -> None:
+    """The surge's steps on the first upstream, with Caddy's config read after each: the
+    added server is parked only until ready, the move drops the drained original, and
+    the removal waits for the server's request in flight."""
+    config = json.loads(json.dumps(caddy.initial))
+    routes = config["apps"]["http"]["servers"]["app"]["routes"]
+    for route in routes:  # a field the added server must copy
+        route["handle"][0]["upstreams"][0]["max_requests"] = 100
+    caddy.load(config)
+    first, second, third = caddy.servers
+    second_app = ThreadingHTTPServer(("127.0.0.1", 0), _App)
+    threading.Thread(target=second_app.serve_forever, daemon=True).start()
+    lb = caddy.lb()
+    try:
+        port = second_app.server_address[1]
+        added = lb.add_server("ignored-surge", first, port)
+        assert added == f"127.0.0.1:{port}"
+        assert lb.add_server("ignored-surge", first, port) == added  # repeated after a crash: no change
+        assert _parked(caddy) == [first, added, second, third] and _dials(caddy.live()) == [first, second, third]
+        assert caddy.live()[0] == {"dial": first, "max_requests": 100}
+        assert _parking_entries(caddy)[1] == {"dial": added, "max_requests": 100}
+        assert caddy.counted()[added] == 0  # parked: Caddy counts it
+        assert added not in {caddy.backend_of() for _ in range(9)}
+
+        lb.set_state(added, "ready")
+        assert _dials(caddy.live()) == [first, added, second, third]
+        assert added in {caddy.backend_of() for _ in range(8)}
+
+        lb.set_state(first, "drain")
+        assert lb.move_server(first, port) == added
+        assert lb.move_server(first, port) == added
+        assert _parked(caddy) == _dials(caddy.live()) == [added, second, third]
+        assert first not in caddy.counted()
+
+        # The surge server's removal: refused in rotation, and while a request is in flight.
+        with pytest.raises(LoadBalancerError, match=f"refusing to remove {added}: in rotation"):
+            lb.remove_server(added)
+        lb.set_state(second, "drain")
+        lb.set_state(third, "drain")
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            slow = pool.submit(requests.get, caddy.url + "/slow?2", timeout=30)
+            _wait(lambda: lb.server(added).sessions, "the slow request in flight")
+            lb.set_state(second, "ready")
+            lb.set_state(added, "drain")
+            with pytest.raises(LoadBalancerError, match=f"refusing to remove {added}: drained .*, 1 requests"):
+                lb.remove_server(added)
+            assert slow.result(timeout=10).status_code == 200
+        _wait(lambda: not lb.server(added).sessions, "the slow request to end")
+        lb.remove_server(added)
+        lb.remove_server(added)
+        assert _parked(caddy) == [second, third] and _dials(caddy.live()) == [second]
+        assert added not in caddy.counted()
+        read_pools(json.loads(caddy.config_bytes()), UPSTREAMS_ID, PARKING_ID, "caddy")  # its checks still hold
+    finally:
+        second_app.shutdown()
+        second_app.server_close()
+
+
+def _dials(upstreams: list[dict[str, Any]]) -> list[str]:
+    return [upstream["dial"] for upstream in upstreams]
+
+
+def _parking_entries(caddy: Caddy) -> list[dict[str, Any]]:
+    listed: list[dict[str, Any]] = json.loads(caddy.call("GET", f"/id/{PARKING_ID}/upstreams").body)
+    return listed
+
+
+def _parked(caddy: Caddy) -> list[str]:
+    return _dials(_parking_entries(caddy))
