@@ -6,8 +6,10 @@ each item of `http.services.NAME.loadBalancer.servers`, and taking servers out s
 their text out of the original (a block item with the comment lines right above it,
 which describe it; a flow item with the separator after it). Putting servers back is
 rendering the original again with fewer servers out, so a drain and a ready give back
-the original bytes. Every result is parsed again and must be the original data minus
-exactly those list items, else nothing is written.
+the original bytes. A server added beside another is a copy of that one's item (its
+comment lines and fields) with its URL's port changed, right after it; a server moved
+is its item with the port of its URL changed. Every result is parsed again and must be
+the original data with exactly that change to the list, else nothing is written.
 
 Refused rather than guessed at: Go templates (`{{ }}`, which Traefik renders before it
 parses), a server list built with anchors or aliases, a server URL that Traefik would
@@ -56,6 +58,18 @@ def server_name(url: str, where: str) -> str:
     return name
 
 
+def url_at_port(url: str, port: int, where: str) -> str:
+    """`url` sending to `port` on the same host (scheme and path kept)."""
+    server_name(url, where)
+    if not 0 < port < 65536:
+        raise LoadBalancerError(f"{where}: port {port} is not 1-65535")
+    match = _URL_RE.fullmatch(url)
+    assert match is not None  # server_name checked it
+    if match.group("port") is None:
+        return f"{url[: match.end('host')]}:{port}{url[match.end('host') :]}"
+    return f"{url[: match.start('port')]}{port}{url[match.end('port') :]}"
+
+
 def go_duration(value: object, what: str) -> float:
     """Seconds of a Traefik duration: a Go duration (`500ms`, `1m30s`) or a number of seconds."""
     if isinstance(value, bool):
@@ -79,6 +93,8 @@ class Item:
     url: str
     start: int  # the text taken out with it (block: whole lines; flow: the item alone)
     end: int
+    url_start: int  # the url's scalar, quotes included
+    url_end: int
 
 
 def _line_start(text: str, index: int) -> int:
@@ -169,8 +185,9 @@ class DynamicFile:
         if not isinstance(url, ScalarNode) or not str(url.tag).endswith(":str"):
             raise LoadBalancerError(f"{what} has no `url:` string")
         name = server_name(str(url.value), what)
+        spans = (int(url.start_mark.index), int(url.end_mark.index))
         if self.flow:
-            return Item(name, str(url.value), start, end)
+            return Item(name, str(url.value), start, end, *spans)
         dash = start - 1
         while dash >= 0 and self.text[dash] in " \t\r\n":
             dash -= 1
@@ -182,7 +199,7 @@ class DynamicFile:
             if not self.text[above:begin].strip().startswith("#"):
                 break
             begin = above
-        return Item(name, str(url.value), begin, _through_line_end(self.text, end))
+        return Item(name, str(url.value), begin, _through_line_end(self.text, end), *spans)
 
     @property
     def names(self) -> list[str]:
@@ -225,19 +242,76 @@ class DynamicFile:
         self._prove(text, names)
         return text
 
+    def with_copy(self, beside: str, port: int) -> tuple[str, str]:
+        """The text with a copy of `beside`'s item sending to `port` right after it, and
+        nothing else changed; and the new server's name. Its comment lines come with it:
+        when `beside` is later taken out for good, the copy reads as the original did."""
+        item = self._known(beside)
+        url = url_at_port(item.url, port, self.where)
+        copied = self._rewritten(item, url)
+        if self.flow:
+            following = self.items.index(item) + 1
+            gap = self.text[item.end : self.items[following].start] if following < len(self.items) else ", "
+            text = self.text[: item.end] + gap + copied + self.text[item.end :]
+        else:
+            text = self.text[: item.end] + copied + self.text[item.end :]
+        servers = self._servers()
+        index = self.items.index(item)
+        servers.insert(index + 1, {**copy.deepcopy(servers[index]), "url": url})
+        self._compare(text, servers, f"add a server beside {beside} to")
+        return text, server_name(url, self.where)
+
+    def with_port(self, name: str, port: int) -> tuple[str, str]:
+        """The text with server `name` sending to `port`, and nothing else changed; and its
+        name afterwards."""
+        item = self._known(name)
+        url = url_at_port(item.url, port, self.where)
+        text = self.text[: item.start] + self._rewritten(item, url) + self.text[item.end :]
+        servers = self._servers()
+        servers[self.items.index(item)]["url"] = url
+        self._compare(text, servers, f"move {name} to port {port} in")
+        return text, server_name(url, self.where)
+
+    def _known(self, name: str) -> Item:
+        for item in self.items:
+            if item.name == name:
+                return item
+        raise LoadBalancerError(
+            f"{self.where}: service {self.service!r} has no server {name} (servers: {', '.join(self.names)})"
+        )
+
+    def _rewritten(self, item: Item, url: str) -> str:
+        """`item`'s text with its URL replaced where it is written (quotes kept)."""
+        scalar = self.text[item.url_start : item.url_end]
+        if scalar.count(item.url) != 1:
+            raise LoadBalancerError(
+                f"{self.where}: the url of {item.name} is written in a way compose-rollout does not rewrite "
+                f"({scalar!r}); write it on one line, without escapes"
+            )
+        before, after = self.text[item.start : item.url_start], self.text[item.url_end : item.end]
+        return before + scalar.replace(item.url, url) + after
+
+    def _servers(self) -> list[Any]:
+        """A copy of the service's server list as data."""
+        return list(copy.deepcopy(self.data["http"]["services"][self.service]["loadBalancer"]["servers"]))
+
     def _prove(self, text: str, names: AbstractSet[str]) -> None:
         """`text` must read as this file's data with exactly those servers out of the list."""
+        servers = [server for server, item in zip(self._servers(), self.items, strict=True) if item.name not in names]
+        self._compare(text, servers, f"take {', '.join(sorted(names))} out of")
+
+    def _compare(self, text: str, servers: list[Any], what: str) -> None:
+        """`text` must read as this file's data with `servers` as the service's list."""
         expected = copy.deepcopy(self.data)
-        servers = expected["http"]["services"][self.service]["loadBalancer"]["servers"]
-        servers[:] = [server for server, item in zip(servers, self.items, strict=True) if item.name not in names]
+        expected["http"]["services"][self.service]["loadBalancer"]["servers"] = servers
         try:
             found = _plain(text, self.where)
         except LoadBalancerError:
             found = None
         if found != expected:
             raise LoadBalancerError(
-                f"{self.where}: cannot take {', '.join(sorted(names))} out of service {self.service!r} without "
-                "changing something else in the file; nothing written"
+                f"{self.where}: cannot {what} service {self.service!r} without changing something else in the "
+                "file; nothing written"
             )
 
 
@@ -298,7 +372,8 @@ PARKED_FORMAT = "compose-rollout traefik parked servers"
 class Parked:
     """What compose-rollout keeps beside the file while it has servers out of the list:
     the file as it was with all of them in it, and which are out. A later run (or
-    `rollout recover`) puts them back from it exactly."""
+    `rollout recover`) puts them back from it exactly. A server added, and not yet put
+    in, is one of them: `original` has its item, the file never had it."""
 
     service: str
     original: str

@@ -557,3 +557,29 @@ def test_the_documented_dynamic_files_are_ones_compose_rollout_accepts() -> None
         assert found.names == ["10.0.1.11:8080", "10.0.1.12:8080"]
         assert "maxIdleConnsPerHost -1" in check_idle_connections(found, 5)
         assert DynamicFile(found.without({"10.0.1.11:8080"}), "terrateam", "doc").names == ["10.0.1.12:8080"]
+
+
+# --- adding, moving, removing servers (the surge strategy) ------------------------------
+
+
+def test_a_copy_beside_a_server_at_another_port_and_the_way_back() -> None:
+    found = DynamicFile(FILE, "app", "f")
+    text, name = found.with_copy("10.0.1.1:8080", 9000)
+    one = '          # app-1, the big one\n          - url: "http://10.0.1.1:8080"   # app-1\n            weight: 3\n'
+    assert name == "10.0.1.1:9000" and text == FILE.replace(one, one + one.replace(":8080", ":9000"))
+    copied = DynamicFile(text, "app", "f")
+    assert copied.without({name}) == FILE  # the copy out: the original bytes
+    assert copied.without({"10.0.1.1:8080"}) == found.with_port("10.0.1.1:8080", 9000)[0]  # the original out: moved
+    assert found.with_copy("app-4.internal:443", 8443) == (
+        FILE.replace(
+            '          - {url: "https://app-4.internal", weight: 1}\n',
+            '          - {url: "https://app-4.internal", weight: 1}\n'
+            '          - {url: "https://app-4.internal:8443", weight: 1}\n',
+        ),
+        "app-4.internal:8443",
+    )
+    flow, name = DynamicFile(FLOW, "app", "f").with_copy("10.0.1.1:8080", 9000)
+    assert name == "10.0.1.1:9000" and flow == FLOW.replace(
+        '{url: "http://10.0.1.1:8080"}, ', '{url: "http://10.0.1.1:8080"}, {url: "http://10.0.1.1:9000"}, '
+    )
+    assert DynamicFile(flow, "app", "f").without({name}) == FLOW
