@@ -11,6 +11,16 @@ back and the step fails. While servers are out, the file as it was with all of t
 is kept beside it (`.NAME.compose-rollout.json`), so that a later run or `rollout
 recover` puts them back exactly; the record goes when the last one is back.
 
+The surge strategy's servers (`AddsServers`) are servers out of the list, so adding,
+moving and removing one changes the record only, never the file or what Traefik runs
+(nothing to confirm, no reload): `add_server` puts a copy of the item of the server it
+is added beside, at the new port, after that item in the record's file, out of the list
+(drained: Traefik would start it UP at once), and ready puts it in like any drained
+server; `move_server` rewrites the port in a drained server's kept item, or, when the
+service already has a server at the new port (the surge's), forgets the drained one;
+`remove_server` forgets a drained server with nothing in flight. Traefik names a server
+by its URL, so the adapter's name is HOST:PORT and each of these returns the new one.
+
 The API is reached through an SSH tunnel to the LB host (`traefik_api.py`), on the same
 pinned connection as the file edits: it can listen on the LB host's loopback only, and
 Traefik's API has no authentication of its own.
@@ -31,6 +41,8 @@ What Traefik can and cannot tell:
   Traefik sees it DOWN, takes it out again and fails the step. An edit is refused while
   another server of the service is DOWN, as the reload would send it requests again.
 - Cutting requests (`shutdown_sessions`): Traefik cannot cut one server's requests.
+
+capabilities: add_server, remove_server, move_server (the surge strategy).
 """
 
 from __future__ import annotations
@@ -44,7 +56,7 @@ from dataclasses import dataclass
 from compose_rollout.errors import LoadBalancerError, RolloutError
 from compose_rollout.hosts.ssh import TunnelHost
 from compose_rollout.lb.base import Capability, ServerAction
-from compose_rollout.lb.connections import OPENING_OR_ESTABLISHED, count_connections
+from compose_rollout.lb.connections import OPENING_OR_ESTABLISHED, count_connections, split_address
 from compose_rollout.lb.settings import TraefikSettings
 from compose_rollout.lb.traefik_api import HealthCheck, RunningService, TraefikApi
 from compose_rollout.lb.traefik_file import DynamicFile, Parked, check_idle_connections
@@ -61,7 +73,7 @@ class TraefikServer:
     """One server: in the file's list or out of it, Traefik's health check, connections."""
 
     name: str
-    listed: bool  # False: compose-rollout took it out of the list (drained)
+    listed: bool  # False: compose-rollout took it out of the list, or added it out of it (drained)
     status: str | None  # Traefik's serverStatus (UP, DOWN); None when Traefik checks nothing
     unobservable: str  # why status is None
     sessions: int
@@ -123,7 +135,7 @@ class TraefikLoadBalancer:
         self._edit = threading.Lock()  # batch_size > 1 drains in parallel; edits go one at a time
         self.api = TraefikApi(host, settings.api_address, settings.timeout_seconds, self.where)
 
-    capabilities: frozenset[Capability] = frozenset()
+    capabilities: frozenset[Capability] = frozenset({"add_server", "remove_server", "move_server"})
 
     @property
     def backend(self) -> str:
@@ -383,3 +395,94 @@ class TraefikLoadBalancer:
                     raise LoadBalancerError(f"{self.where}: Traefik reports no health of {server}: {found.describe()}")
                 return
             self._sleep(min(0.1, max(0.0, deadline - self._monotonic())))
+
+    # --- adding, moving, removing servers (the surge strategy) --------------------------
+
+    def server_address(self, server: str) -> tuple[str, int]:
+        """(address, port) read from the name HOST:PORT, whether or not the service has it."""
+        try:
+            return split_address(server)
+        except LoadBalancerError as error:
+            raise LoadBalancerError(f"{self.where}: {error}") from None
+
+    def add_server(self, name: str, beside: str, port: int) -> str:
+        """A copy of `beside`'s item sending to `port`, out of the list (drained) until
+        `set_state(..., "ready")` puts it in; its name HOST:PORT (`name` is not used:
+        Traefik knows a server by its URL). Nothing changes if the service has it."""
+        target = self._at_port(beside, port)
+        with self._edit:
+            found = self._state()
+            if target in found.original.names:
+                return target
+            text, added = found.original.with_copy(beside, port)
+            self._keep_parked(found, text, found.parked | {added}, f"add {added} beside {beside}")
+            return added
+
+    def move_server(self, server: str, port: int) -> str:
+        """Send drained `server`'s requests to `port`: its kept item gets the new URL, and
+        its name is the new HOST:PORT. When the service has a server there already (the
+        surge's), `server` is forgotten and that one, in its state, is the name returned."""
+        target = self._at_port(server, port)
+        if target == server:
+            return server
+        with self._edit:
+            found = self._state()
+            known = found.original.names
+            if server not in known:
+                if target in known:
+                    return target  # moved before
+                raise LoadBalancerError(
+                    f"{self.where}: service {self.settings.service} has neither {server} nor {target} "
+                    f"(servers: {', '.join(known)})"
+                )
+            if server not in found.parked:
+                raise LoadBalancerError(
+                    f"{self.where}: {server} is in the server list (Traefik sends it new requests); only a drained "
+                    f"server is moved. Nothing changed"
+                )
+            if target in known:
+                self._keep_parked(found, found.original.without({server}), found.parked - {server}, f"forget {server}")
+                return target
+            text, moved = found.original.with_port(server, port)
+            self._keep_parked(found, text, (found.parked - {server}) | {moved}, f"move {server} to {moved}")
+            return moved
+
+    def remove_server(self, name: str) -> None:
+        """Forget a drained server with no connections; nothing if the service has none
+        by that name."""
+        with self._edit:
+            found = self._state()
+            if name not in found.original.names:
+                return
+            if name not in found.parked:
+                raise LoadBalancerError(
+                    f"{self.where}: {name} is in the server list (Traefik sends it new requests): drain it before "
+                    "it is removed. Nothing changed"
+                )
+            sessions = count_connections(
+                self.host, name, self.settings.timeout_seconds, self.where, states=OPENING_OR_ESTABLISHED
+            )
+            if sessions:
+                raise LoadBalancerError(
+                    f"{self.where}: {name} still has {sessions} connection{'' if sessions == 1 else 's'} from the LB "
+                    "host (requests in flight); not removed"
+                )
+            self._keep_parked(found, found.original.without({name}), found.parked - {name}, f"remove {name}")
+
+    def _at_port(self, server: str, port: int) -> str:
+        """The name of the server at `server`'s host and `port`."""
+        self.server_address(server)
+        target = f"{server.rpartition(':')[0]}:{port}"
+        self.server_address(target)  # a port in 1-65535
+        return target
+
+    def _keep_parked(self, found: _State, original: str, parked: Set[str], what: str) -> None:
+        """Change the record only: the file stays as it is, which is checked first, so
+        Traefik has nothing to apply."""
+        kept = DynamicFile(original, self.settings.service, self.record_path)
+        if kept.without(parked) != found.current.text:
+            raise LoadBalancerError(
+                f"{self.where}: cannot {what} and keep the file's bytes as they are (its layout is not understood); "
+                "nothing written"
+            )
+        self._keep_record(original, parked, self._mode())

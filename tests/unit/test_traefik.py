@@ -18,6 +18,7 @@ from compose_rollout.config import load_fleet
 from compose_rollout.errors import LoadBalancerError
 from compose_rollout.hosts.ssh import Stream
 from compose_rollout.lb import adapters
+from compose_rollout.lb.base import SURGE_NEEDS, AddsServers
 from compose_rollout.lb.connections import ss_argv
 from compose_rollout.lb.settings import TraefikSettings
 from compose_rollout.lb.traefik import TraefikLoadBalancer
@@ -561,6 +562,9 @@ def test_the_documented_dynamic_files_are_ones_compose_rollout_accepts() -> None
 
 # --- adding, moving, removing servers (the surge strategy) ------------------------------
 
+APP_2 = "          - url: 'http://10.0.1.2:8080'\n"
+APP_2_AT_9000 = "          - url: 'http://10.0.1.2:9000'\n"
+
 
 def test_a_copy_beside_a_server_at_another_port_and_the_way_back() -> None:
     found = DynamicFile(FILE, "app", "f")
@@ -583,3 +587,107 @@ def test_a_copy_beside_a_server_at_another_port_and_the_way_back() -> None:
         '{url: "http://10.0.1.1:8080"}, ', '{url: "http://10.0.1.1:8080"}, {url: "http://10.0.1.1:9000"}, '
     )
     assert DynamicFile(flow, "app", "f").without({name}) == FLOW
+
+
+def test_add_keeps_the_new_server_out_of_the_list_and_ready_puts_it_in(lb: TraefikLoadBalancer) -> None:
+    host = host_of(lb)
+    assert isinstance(lb, AddsServers) and set(SURGE_NEEDS) <= lb.capabilities
+    added = lb.add_server("app-2-surge", "10.0.1.2:8080", 9000)
+    assert added == "10.0.1.2:9000"
+    with_copy = FILE.replace(APP_2, APP_2 + APP_2_AT_9000)
+    assert host.files[PATH] == FILE.encode()  # Traefik is not given it yet: it would start it UP
+    assert Parked.decode(host.files[RECORD], "r") == Parked("app", with_copy, frozenset({added}))
+    servers = lb.servers()
+    assert list(servers) == [*DynamicFile(FILE, "app", "f").names, added] and servers[added].drained
+    assert lb.add_server("again", "10.0.1.2:8080", 9000) == added  # a repeat changes nothing
+    assert Parked.decode(host.files[RECORD], "r") == Parked("app", with_copy, frozenset({added}))
+    calls_before = len(host.tunnels)
+    lb.set_state(added, "ready")
+    assert host.files[PATH] == with_copy.encode() and RECORD not in host.files
+    assert "http://10.0.1.2:9000" in DynamicFile(host.traefik.applied, "app", "applied").urls()
+    assert len(host.tunnels) - calls_before > 3  # it waited for Traefik's first check of it
+    assert lb.server(added).in_rotation
+    assert lb.add_server("again", "10.0.1.2:8080", 9000) == added and host.files[PATH] == with_copy.encode()
+
+
+def test_an_added_server_traefik_sees_down_goes_back_out(lb: TraefikLoadBalancer) -> None:
+    host = host_of(lb)
+    added = lb.add_server("surge", "10.0.1.2:8080", 9000)
+    host.traefik.status["http://10.0.1.2:9000"] = "DOWN"
+    with pytest.raises(LoadBalancerError, match=r"sees 10.0.1.2:9000 DOWN after it was put back; taken out"):
+        lb.set_state(added, "ready")
+    assert host.files[PATH] == FILE.encode() and lb.server(added).drained
+
+
+def test_move_of_a_drained_server_changes_its_url(lb: TraefikLoadBalancer) -> None:
+    host = host_of(lb)
+    lb.set_state("10.0.1.2:8080", "drain")
+    drained = host.files[PATH]
+    assert lb.move_server("10.0.1.2:8080", 9000) == "10.0.1.2:9000"
+    moved = FILE.replace(APP_2, APP_2_AT_9000)
+    assert host.files[PATH] == drained  # out of the list: nothing for Traefik to apply
+    assert Parked.decode(host.files[RECORD], "r") == Parked("app", moved, frozenset({"10.0.1.2:9000"}))
+    assert lb.move_server("10.0.1.2:8080", 9000) == "10.0.1.2:9000"  # a repeat: it is there already
+    assert lb.move_server("10.0.1.2:9000", 9000) == "10.0.1.2:9000"
+    assert Parked.decode(host.files[RECORD], "r") == Parked("app", moved, frozenset({"10.0.1.2:9000"}))
+    lb.set_state("10.0.1.2:9000", "ready")
+    assert host.files[PATH] == moved.encode() and RECORD not in host.files
+
+
+def test_move_onto_the_surge_server_forgets_the_drained_one(lb: TraefikLoadBalancer) -> None:
+    host = host_of(lb)
+    added = lb.add_server("surge", "10.0.1.2:8080", 9000)
+    lb.set_state(added, "ready")
+    lb.set_state("10.0.1.2:8080", "drain")
+    assert lb.move_server("10.0.1.2:8080", 9000) == added
+    # The copy stands where the original was: the file reads as if the server had moved.
+    assert host.files[PATH] == FILE.replace(APP_2, APP_2_AT_9000).encode() and RECORD not in host.files
+    assert lb.server(added).in_rotation and "10.0.1.2:8080" not in lb.servers()
+    assert lb.move_server("10.0.1.2:8080", 9000) == added  # a repeat
+    with pytest.raises(LoadBalancerError, match=r"has neither 10.0.1.2:8080 nor 10.0.1.2:7000"):
+        lb.move_server("10.0.1.2:8080", 7000)
+
+
+def test_a_drained_surge_server_is_forgotten_and_the_file_is_the_original(lb: TraefikLoadBalancer) -> None:
+    host = host_of(lb)
+    added = lb.add_server("surge", "10.0.1.2:8080", 9000)
+    lb.set_state(added, "ready")
+    lb.set_state(added, "drain")
+    lb.remove_server(added)
+    assert host.files[PATH] == FILE.encode() and RECORD not in host.files and added not in lb.servers()
+    lb.remove_server(added)  # gone: nothing to do
+    lb.remove_server("10.0.1.9:8080")
+    assert host.files[PATH] == FILE.encode() and RECORD not in host.files
+
+
+def test_moving_or_removing_a_server_in_rotation_is_refused(lb: TraefikLoadBalancer) -> None:
+    host = host_of(lb)
+    added = lb.add_server("surge", "10.0.1.2:8080", 9000)
+    lb.set_state(added, "ready")
+    for move in (9001, 9000):  # to a new port, and onto the listed surge server
+        with pytest.raises(LoadBalancerError, match=r"10.0.1.2:8080 is in the server list .*only a drained server"):
+            lb.move_server("10.0.1.2:8080", move)
+    with pytest.raises(LoadBalancerError, match=r"10.0.1.2:9000 is in the server list .*drain it before"):
+        lb.remove_server(added)
+    listed = FILE.replace(APP_2, APP_2 + APP_2_AT_9000).encode()
+    assert host.files[PATH] == listed and RECORD not in host.files
+
+
+def test_a_drained_server_with_connections_is_not_removed(lb: TraefikLoadBalancer) -> None:
+    host = host_of(lb)
+    lb.set_state("10.0.1.2:8080", "drain")
+    record = host.files[RECORD]
+    host.on(["ss"], lambda argv: "0 0 10.0.0.2:40000 10.0.1.2:8080\n" if "10.0.1.2:8080" in argv else "")
+    with pytest.raises(LoadBalancerError, match=r"10.0.1.2:8080 still has 1 connection from the LB host"):
+        lb.remove_server("10.0.1.2:8080")
+    assert host.files[RECORD] == record
+
+
+def test_server_address_is_read_from_the_name(lb: TraefikLoadBalancer) -> None:
+    assert lb.server_address("10.0.1.7:8081") == ("10.0.1.7", 8081)  # not in the file
+    assert lb.server_address("[fd00::3]:8080") == ("fd00::3", 8080)
+    with pytest.raises(LoadBalancerError, match="'app-1' is not HOST:PORT"):
+        lb.server_address("app-1")
+    with pytest.raises(LoadBalancerError, match="is not HOST:PORT"):
+        lb.add_server("x", "10.0.1.2:8080", 70000)
+    assert host_of(lb).files[PATH] == FILE.encode() and RECORD not in host_of(lb).files
