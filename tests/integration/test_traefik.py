@@ -378,3 +378,50 @@ def test_preflight_refuses_what_it_cannot_work_with_naming_it(traefik: Traefik) 
     with pytest.raises(LoadBalancerError, match=r"service app has no server 127.0.7.9:80 \(servers: "):
         traefik.lb().set_state("127.0.7.9:80", "drain")
     assert traefik.dynamic_file.read_text() == traefik.original
+
+
+def listed(traefik: Traefik) -> dict[str, str]:
+    """Every server Traefik's API lists for the service, by URL, with its serverStatus."""
+    import json
+
+    status, body = http_get(f"http://127.0.0.1:{traefik.api_port}/api/http/services/app@file", timeout=2)
+    assert status == 200, body
+    service = json.loads(body)
+    statuses = service.get("serverStatus", {})
+    return {server["url"]: statuses.get(server["url"], "?") for server in service["loadBalancer"]["servers"]}
+
+
+def test_a_surge_server_is_added_put_in_takes_over_and_the_old_one_comes_back(traefik: Traefik) -> None:
+    """The surge strategy's calls: add beside, ready, the instance's own server moved onto
+    the added one, and, the other way, the file back byte for byte at the end."""
+    lb = traefik.lb()
+    one, two, three = traefik.names
+    surge = Backend(traefik.backends[1].address, free_port(traefik.backends[1].address))
+    surge.start()
+    try:
+        added = lb.add_server("ignored", two, surge.port)
+        assert added == surge.name and lb.add_server("ignored", two, surge.port) == added
+        assert traefik.dynamic_file.read_text() == traefik.original  # out of the list: Traefik has nothing new
+        assert f"http://{added}" not in listed(traefik) and lb.server(added).drained
+        lb.set_state(added, "ready")
+        assert listed(traefik)[f"http://{added}"] == "UP" and lb.server(added).in_rotation
+        assert added in {traefik.get()[1] for _ in range(30)}
+        lb.set_state(two, "drain")
+        assert lb.move_server(two, surge.port) == added  # two is forgotten, the surge server is the instance's
+        moved = traefik.original.replace(f"'http://{two}'", f"'http://{added}'")
+        assert traefik.dynamic_file.read_text() == moved
+        assert not list(traefik.dynamic_file.parent.glob(".*compose-rollout*"))
+        assert sorted(listed(traefik)) == sorted(f"http://{name}" for name in (one, added, three))
+        # The other way: the old server added beside the surge one, put in, the surge one removed.
+        assert lb.add_server("ignored", added, traefik.backends[1].port) == two
+        lb.set_state(two, "ready")
+        lb.set_state(added, "drain")
+        with pytest.raises(LoadBalancerError, match=f"{three} is in the server list"):
+            lb.remove_server(three)
+        lb.remove_server(added)
+        lb.remove_server(added)  # gone: nothing to do
+        assert traefik.dynamic_file.read_text() == traefik.original
+        assert not list(traefik.dynamic_file.parent.glob(".*compose-rollout*"))
+        assert listed(traefik) == {f"http://{name}": "UP" for name in traefik.names}
+    finally:
+        surge.stop()
