@@ -14,6 +14,21 @@ AWS's own drain. AWS may show `draining` until the whole delay has passed even w
 nothing is in flight: `rollout.drain_timeout_seconds` must be longer than the group's
 deregistration delay.
 
+Adding and moving servers (`AddsServers`, the surge strategy): a target is named by where
+it sends, TARGET:PORT, so a server added beside `i-0abc:8080` at port 8081 is the target
+`i-0abc:8081`, and a server moved to another port becomes the target there (the run
+records the name each call returns). An added target starts drained, that is not
+registered: AWS lists only registered and draining targets, so the adapter remembers the
+targets it added or moved to for the run and lists them as drained (`unused`) until
+`set_state(..., "ready")` registers them. A new process does not know an added target
+that is still unregistered; the run's journal records its name. Moving or removing a
+target that is registered, or still draining, is refused: it would take it out of traffic
+(or cut requests in flight) behind the run's back.
+
+Tested here only against moto in server mode, with no traffic and no health checks (moto
+reports a registered target `healthy` at once, and keeps one target per id, not per id
+and port as AWS does), never against a real ALB or NLB.
+
 Every call goes through one boto3 client with connect and read timeouts of
 `timeout_seconds` and botocore's standard retry mode (`max_attempts` attempts per call,
 throttling included). Credentials come only from boto3's standard chain (environment,
@@ -22,8 +37,9 @@ shared files, SSO, the instance or task role).
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,29 +145,34 @@ class AwsTargetGroup:
             "elbv2", region_name=settings.region, endpoint_url=settings.endpoint_url, config=config
         )
 
+        # Targets added or moved to that AWS may not list (not registered), for the run.
+        self._added: set[str] = set()
+        self._lock = threading.Lock()
+
     @property
     def capabilities(self) -> frozenset[Capability]:
-        """None yet (registering a target at a new address is possible: the surge strategy)."""
-        return frozenset()
+        """Adds, moves and removes targets (the surge strategy)."""
+        return frozenset({"add_server", "remove_server", "move_server"})
 
     @property
     def backend(self) -> str:
         return f"target group {self.settings.target_group_arn}"
 
     def servers(self) -> dict[str, AwsTarget]:
-        """Every registered target (and those draining), by TARGET:PORT."""
+        """Every registered target (and those draining), by TARGET:PORT, and the targets
+        this adapter added or moved to that are not registered (drained)."""
         found = self._call("DescribeTargetHealth")["TargetHealthDescriptions"]
-        return {view.name: view for view in map(_view, found)}
+        views = {view.name: view for view in map(_view, found)}
+        with self._lock:
+            unlisted = sorted(self._added - views.keys())
+        if unlisted:
+            views.update(self._health(unlisted))
+        return views
 
     def server(self, name: str) -> AwsTarget:
         """The target `name`, registered or not: a deregistered target is `unused`
         (`Target.NotRegistered`), still this instance's server."""
-        target_id, port = self._target(name)
-        found = self._call("DescribeTargetHealth", name, Targets=[{"Id": target_id, "Port": port}])
-        descriptions = found["TargetHealthDescriptions"]
-        if len(descriptions) != 1:
-            raise LoadBalancerError(f"{self.where}: AWS described {len(descriptions)} targets for {name}, not one")
-        return _view(descriptions[0], name)
+        return self._health([name])[name]
 
     def set_state(self, server: str, state: ServerAction) -> None:
         """`drain`: deregister the target (unless it already is); `ready`: register it and
@@ -165,6 +186,54 @@ class AwsTargetGroup:
             return
         self._call("RegisterTargets", server, Targets=targets)
         self._await_healthy(server)
+
+    def server_address(self, server: str) -> tuple[str, int]:
+        """(TARGET, PORT) read from the name, whether or not the target is registered."""
+        return self._target(server)
+
+    def add_server(self, name: str, beside: str, port: int) -> str:
+        """The target at `beside`'s TARGET and `port` (`name` is not used: a target is
+        named by where it sends), drained: not registered until `set_state(..., "ready")`,
+        and listed by `servers()` meanwhile. Adding it again changes nothing."""
+        target_id, beside_port = self._target(beside)
+        if port == beside_port:
+            raise LoadBalancerError(f"{self.where}: cannot add a target beside {beside} at its own port {port}")
+        added = _name(target_id, port)
+        self._target(added)  # the port is one AWS accepts
+        with self._lock:
+            self._added.add(added)
+        return added
+
+    def move_server(self, server: str, port: int) -> str:
+        """The target at `server`'s TARGET and `port`, which is `server`'s name from now on.
+        `server` must be drained and out of the group (not registered, its draining over);
+        the target it moves to stays as AWS has it: registered (the surge's added one), or
+        not (then drained, listed by `servers()`, until `set_state(..., "ready")`)."""
+        target_id, _ = self._target(server)
+        moved = _name(target_id, port)
+        if moved == server:
+            return server
+        views = self._health([server, moved])
+        self._refuse_registered(server, views[server], "move")
+        if views[server].state in DRAINING:
+            raise LoadBalancerError(
+                f"{self.where}: will not move target {server}: it is still draining, requests may be in flight "
+                f"({views[server].describe()}); wait for its sessions first"
+            )
+        with self._lock:
+            self._added.discard(server)
+            if not views[moved].registered:
+                self._added.add(moved)
+        return moved
+
+    def remove_server(self, name: str) -> None:
+        """Forget `name` (AWS needs no call: a target out of the group is only an id and a
+        port). Refused while it is registered; a target still draining is let go, AWS ends
+        its deregistration by itself (waiting for its requests is the caller's, through
+        `sessions`). Nothing to do for a target that is neither registered nor known."""
+        self._refuse_registered(name, self.server(name), "remove")
+        with self._lock:
+            self._added.discard(name)
 
     def shutdown_sessions(self, server: str) -> None:
         """AWS cannot cut one target's requests before its deregistration delay ends (only
@@ -193,6 +262,36 @@ class AwsTargetGroup:
                     f"AWS last reported {seen.describe()}"
                 )
             self._sleep(min(self.settings.poll_interval_seconds, remaining))
+
+    def _refuse_registered(self, server: str, view: AwsTarget, verb: str) -> None:
+        if view.registered:
+            raise LoadBalancerError(
+                f"{self.where}: will not {verb} target {server}: it is registered and takes new requests "
+                f"({view.describe()}); drain it first"
+            )
+
+    def _health(self, names: Iterable[str]) -> dict[str, AwsTarget]:
+        """AWS's view of each of `names`, registered or not, from one `DescribeTargetHealth`.
+        AWS answers for exactly the targets asked; an answer for another one (moto keeps
+        one target per id, so asked for `i-0abc:8081` it answers for `i-0abc:8080`) is
+        refused rather than taken for the target asked about."""
+        asked = {self._target(name): name for name in dict.fromkeys(names)}
+        targets = [{"Id": target_id, "Port": port} for target_id, port in asked]
+        found = self._call("DescribeTargetHealth", ", ".join(asked.values()), Targets=targets)
+        views: dict[str, AwsTarget] = {}
+        described = []
+        for description in found["TargetHealthDescriptions"]:
+            target = description.get("Target", {})
+            key = (str(target.get("Id", "")), int(target.get("Port", 0) or 0))
+            described.append(_name(*key))
+            if key in asked:
+                views[asked[key]] = _view(description, asked[key])
+        if len(views) != len(asked) or len(described) != len(asked):
+            raise LoadBalancerError(
+                f"{self.where}: asked about target{'s' if len(asked) > 1 else ''} {', '.join(asked.values())}, "
+                f"AWS described {', '.join(described) or 'none'}"
+            )
+        return views
 
     def _target(self, name: str) -> tuple[str, int]:
         try:

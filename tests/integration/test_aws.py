@@ -13,13 +13,18 @@ with no deregistration delay; only a registered instance that is terminated show
 `draining` (and keeps it). moto never reports `initial` or `unhealthy` and runs no
 health check. So "AWS holds the target draining while requests finish" is shown with a
 terminated instance, and "not healthy yet" with an instance stopped right after it is
-registered. This adapter has not been run against real AWS in these tests.
+registered. moto also keeps one target per id where AWS keeps one per id and port:
+registering `i-0abc:8081` replaces `i-0abc:8080`, and asked about one it answers for the
+other. The surge tests (a second target at the same id) therefore ask the front to give
+moto each id and port as an id of its own (`ports_apart`), which is what AWS does. This
+adapter has not been run against real AWS in these tests.
 """
 
 from __future__ import annotations
 
 import http.client
 import logging
+import re
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +33,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from threading import Thread
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import boto3
 import pytest
@@ -40,6 +45,7 @@ from compose_rollout.config import Fleet
 from compose_rollout.errors import LoadBalancerError, WaitTimeout
 from compose_rollout.lb import adapters
 from compose_rollout.lb.aws import AwsTargetGroup
+from compose_rollout.lb.base import SURGE_NEEDS, AddsServers
 from compose_rollout.lb.settings import AwsSettings
 from compose_rollout.procedure import Context
 from compose_rollout.state.journal import InstanceRecord, Ledger
@@ -69,14 +75,22 @@ class Call:
     throttled: bool
 
 
+# The target id moto is given in `ports_apart` mode, and its way back in moto's answers.
+APART = "@"
+APART_ID_RE = re.compile(rb"<Id>([^<@]+)@[0-9]+</Id>")
+
+
 class AwsFront:
     """An HTTP server on 127.0.0.1 in front of moto: it records each request and forwards
     it, or answers it with `Throttling` while `throttle[action]` is above zero. `after`
-    runs once moto has answered a forwarded request, before the adapter gets the answer."""
+    runs once moto has answered a forwarded request, before the adapter gets the answer.
+    With `ports_apart`, each target `ID:PORT` reaches moto as the id `ID@PORT` (and comes
+    back as `ID`), so moto keeps a target per id and port, as AWS does."""
 
     def __init__(self, upstream: str) -> None:
         self.calls: list[Call] = []
         self.throttle: dict[str, int] = {}
+        self.ports_apart = False
         self.after: Callable[[Call, int], None] = lambda call, index: None
         target = urlsplit(upstream)
         front = self
@@ -92,14 +106,19 @@ class AwsFront:
                     front.throttle[call.action] -= 1
                     self._answer(400, "text/xml", THROTTLING)
                     return
+                if front.ports_apart:
+                    body = _ports_apart(params)
                 upstream = http.client.HTTPConnection(str(target.hostname), target.port, timeout=10)
                 try:
-                    headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "keep-alive")}
+                    skip = ("connection", "keep-alive", "content-length")
+                    headers = {k: v for k, v in self.headers.items() if k.lower() not in skip}
                     upstream.request("POST", self.path, body, headers)
                     reply = upstream.getresponse()
                     status, kind, data = reply.status, reply.getheader("Content-Type", "text/xml"), reply.read()
                 finally:
                     upstream.close()
+                if front.ports_apart:
+                    data = APART_ID_RE.sub(rb"<Id>\1</Id>", data)
                 front.after(call, len(front.calls) - 1)
                 self._answer(status, kind, data)
 
@@ -136,6 +155,15 @@ def _targets(params: dict[str, str]) -> tuple[str, ...]:
         port = params.get(f"Targets.member.{n}.Port", "")
         found.append(f"[{target_id}]:{port}" if ":" in target_id else f"{target_id}:{port}")
     return tuple(found)
+
+
+def _ports_apart(params: dict[str, str]) -> bytes:
+    """The request with each target's id made `ID@PORT` (every target the adapter names has a port)."""
+    apart = dict(params)
+    for key, value in params.items():
+        if key.startswith("Targets.member.") and key.endswith(".Id"):
+            apart[key] = f"{value}{APART}{params[key[: -len('Id')] + 'Port']}"
+    return urlencode(apart).encode()
 
 
 @pytest.fixture(scope="module")
@@ -194,8 +222,14 @@ class World:
     servers: list[str] = field(default_factory=list)  # TARGET:PORT, the instances' lb_server
 
     def registered(self, arn: str | None = None) -> set[str]:
+        """The targets moto holds healthy (registered), asked directly (an id the front
+        gave moto as `ID@PORT` read as `ID`)."""
         found = self.elbv2.describe_target_health(TargetGroupArn=arn or self.arn)["TargetHealthDescriptions"]
-        return {f"{d['Target']['Id']}:{d['Target']['Port']}" for d in found if d["TargetHealth"]["State"] == "healthy"}
+        return {
+            f"{d['Target']['Id'].split(APART)[0]}:{d['Target']['Port']}"
+            for d in found
+            if d["TargetHealth"]["State"] == "healthy"
+        }
 
 
 @pytest.fixture
@@ -516,7 +550,9 @@ def test_credentials_come_from_boto3_s_chain_and_their_absence_is_named(
 # --- a Network Load Balancer with IP targets --------------------------------------------
 
 
-def test_an_nlb_target_group_of_ip_targets_drains_and_comes_back(world: World, front: AwsFront) -> None:
+def nlb_of_ips(world: World, *, ports_apart: bool = False) -> tuple[str, list[str]]:
+    """A Network Load Balancer whose target group has two IP targets at PORT: its ARN and
+    the targets. `ports_apart`: registered as the front's `ports_apart` gives moto ids."""
     group = world.elbv2.create_target_group(
         Name="tcp-app", Protocol="TCP", Port=PORT, VpcId=world.vpc, TargetType="ip"
     )["TargetGroups"][0]["TargetGroupArn"]
@@ -528,11 +564,155 @@ def test_an_nlb_target_group_of_ip_targets_drains_and_comes_back(world: World, f
         DefaultActions=[{"Type": "forward", "TargetGroupArn": group}],
     )
     addresses = ["10.0.1.10", "10.0.1.11"]
-    world.elbv2.register_targets(TargetGroupArn=group, Targets=[{"Id": a, "Port": PORT} for a in addresses])
+    ids = [f"{a}{APART}{PORT}" if ports_apart else a for a in addresses]
+    world.elbv2.register_targets(TargetGroupArn=group, Targets=[{"Id": i, "Port": PORT} for i in ids])
+    return group, [f"{a}:{PORT}" for a in addresses]
+
+
+def test_an_nlb_target_group_of_ip_targets_drains_and_comes_back(world: World, front: AwsFront) -> None:
+    group, servers = nlb_of_ips(world)
     lb = target_group(world, front, target_group_arn=group)
-    server = f"{addresses[0]}:{PORT}"
-    assert sorted(lb.servers()) == [f"{a}:{PORT}" for a in addresses]
+    server = servers[0]
+    assert sorted(lb.servers()) == servers
     lb.set_state(server, "drain")
-    assert lb.server(server).drained and world.registered(group) == {f"{addresses[1]}:{PORT}"}
+    assert lb.server(server).drained and world.registered(group) == {servers[1]}
     lb.set_state(server, "ready")
-    assert lb.server(server).in_rotation and world.registered(group) == {f"{a}:{PORT}" for a in addresses}
+    assert lb.server(server).in_rotation and world.registered(group) == set(servers)
+
+
+# --- the surge strategy: adding, moving and removing targets ----------------------------
+
+
+def surge_group(world: World, front: AwsFront) -> tuple[AwsTargetGroup, str, list[str]]:
+    """An NLB of IP targets, moto keeping a target per id and port (`ports_apart`)."""
+    front.ports_apart = True
+    group, servers = nlb_of_ips(world, ports_apart=True)
+    return target_group(world, front, target_group_arn=group), group, servers
+
+
+def changes(front: AwsFront) -> list[Call]:
+    return [call for call in front.calls if call.action in ("RegisterTargets", "DeregisterTargets")]
+
+
+def test_a_surge_adds_a_drained_target_readies_it_and_moves_the_own_server_onto_it(
+    world: World, front: AwsFront
+) -> None:
+    """The surge's calls in its order: add, ready, drain the own target, its sessions,
+    move it onto the added one, remove what is left."""
+    lb, group, (own, other) = surge_group(world, front)
+    assert set(SURGE_NEEDS) <= lb.capabilities and isinstance(lb, AddsServers)
+    assert lb.server_address(own) == ("10.0.1.10", PORT)
+    assert lb.server_address("10.0.1.10:8081") == ("10.0.1.10", 8081)  # not registered: read from the name
+
+    added = lb.add_server(f"{own}-surge", own, 8081)
+    assert added == "10.0.1.10:8081"
+    assert lb.add_server(f"{own}-surge", own, 8081) == added  # a repeated step
+    assert changes(front) == []  # added drained: not registered
+    listed = lb.servers()
+    assert sorted(listed) == sorted([own, other, added])
+    view = listed[added]
+    assert (view.drained, view.in_rotation, view.up, view.sessions) == (True, False, None, 0)
+    assert view.reason == "Target.NotRegistered"
+    assert listed[own].in_rotation and world.registered(group) == {own, other}
+
+    lb.set_state(added, "ready")
+    assert world.registered(group) == {own, other, added}  # moto: healthy once registered
+    assert lb.server(added).in_rotation and lb.servers()[added].in_rotation
+
+    lb.set_state(own, "drain")
+    assert lb.server(own).sessions == 0  # moto has no deregistration delay
+    assert world.registered(group) == {other, added}
+
+    assert lb.move_server(own, 8081) == added  # the own server is the added target from now on
+    assert lb.move_server(own, 8081) == added  # a repeated step
+    assert sorted(lb.servers()) == sorted([other, added])  # the old target is forgotten
+    assert lb.server(added).in_rotation
+
+    lb.remove_server(own)  # out of the group and forgotten: nothing to do
+    lb.remove_server(own)
+    assert sorted(lb.servers()) == sorted([other, added]) and world.registered(group) == {other, added}
+    assert [(call.action, call.targets) for call in changes(front)] == [
+        ("RegisterTargets", (added,)),
+        ("DeregisterTargets", (own,)),
+    ]
+
+
+def test_a_drained_target_moved_to_a_port_aws_does_not_know_stays_drained_until_ready(
+    world: World, front: AwsFront
+) -> None:
+    """As after `up` gave the container another port of the range, or a rollback moving
+    the own server back to the old container."""
+    lb, group, (own, other) = surge_group(world, front)
+    lb.set_state(own, "drain")
+    moved = lb.move_server(own, 8082)
+    assert moved == "10.0.1.10:8082"
+    assert lb.move_server(moved, 8082) == moved
+    listed = lb.servers()
+    assert sorted(listed) == sorted([other, moved]) and listed[moved].drained and not listed[moved].in_rotation
+    assert world.registered(group) == {other}
+    assert len(changes(front)) == 1  # the drain's DeregisterTargets only
+
+    assert lb.move_server(moved, PORT) == own  # and back, still drained
+    assert sorted(lb.servers()) == sorted([other, own]) and lb.servers()[own].drained
+    lb.set_state(own, "ready")
+    assert world.registered(group) == {own, other} and sorted(lb.servers()) == sorted([own, other])
+
+
+def test_an_added_target_never_readied_is_removed_by_forgetting_it(world: World, front: AwsFront) -> None:
+    """A new adapter (another process) does not list an unregistered added target: the
+    run's journal keeps its name."""
+    lb, group, (own, other) = surge_group(world, front)
+    added = lb.add_server(f"{own}-surge", own, 8081)
+    assert added in lb.servers()
+    assert added not in target_group(world, front, target_group_arn=group).servers()
+    lb.remove_server(added)
+    lb.remove_server(added)
+    lb.remove_server("10.0.1.10:8090")  # never known: nothing to do
+    assert sorted(lb.servers()) == sorted([own, other])
+    assert changes(front) == []
+
+
+def test_a_registered_target_is_neither_moved_nor_removed(world: World, front: AwsFront) -> None:
+    lb, group, (own, other) = surge_group(world, front)
+    added = lb.add_server(f"{own}-surge", own, 8081)
+    lb.set_state(added, "ready")
+    with pytest.raises(LoadBalancerError) as caught:
+        lb.move_server(own, 8081)
+    message = str(caught.value)
+    assert f"{group}: will not move target {own}: it is registered and takes new requests" in message
+    assert "(AWS target health healthy); drain it first" in message
+    for server in (own, added):
+        with pytest.raises(LoadBalancerError, match=f"will not remove target {server}: it is registered"):
+            lb.remove_server(server)
+    assert world.registered(group) == {own, other, added} and sorted(lb.servers()) == sorted([own, other, added])
+    assert [call.action for call in changes(front)] == ["RegisterTargets"]  # the ready only
+    with pytest.raises(LoadBalancerError, match=f"cannot add a target beside {own} at its own port {PORT}"):
+        lb.add_server(f"{own}-surge", own, PORT)
+
+
+def test_a_target_still_draining_is_not_moved_and_is_let_go_on_remove(world: World, front: AwsFront) -> None:
+    """moto's only `draining` target: a registered instance that was terminated."""
+    lb = target_group(world, front)
+    leaving = world.servers[1]
+    world.ec2.terminate_instances(InstanceIds=[world.instances[1]])
+    with pytest.raises(LoadBalancerError) as caught:
+        lb.move_server(leaving, 8081)
+    assert f"will not move target {leaving}: it is still draining, requests may be in flight" in str(caught.value)
+    assert "wait for its sessions first" in str(caught.value)
+    lb.remove_server(leaving)  # AWS ends the deregistration by itself
+    assert changes(front) == []
+
+
+def test_moto_s_one_target_per_id_is_refused_not_taken_for_the_target_asked(world: World, front: AwsFront) -> None:
+    """Without `ports_apart`: asked about `i-...:8081`, moto answers for the registered
+    `i-...:8080` (same id); the adapter names the mismatch rather than report the added
+    target healthy."""
+    lb = target_group(world, front)
+    own = world.servers[0]
+    added = lb.add_server(f"{own}-surge", own, 8081)
+    with pytest.raises(LoadBalancerError) as caught:
+        lb.servers()
+    assert f"asked about target {added}, AWS described {own}" in str(caught.value)
+    with pytest.raises(LoadBalancerError, match=f"asked about target {added}, AWS described {own}"):
+        lb.server(added)
+    assert changes(front) == []
