@@ -16,11 +16,11 @@ deregistration delay.
 
 Adding and moving servers (`AddsServers`, the surge strategy): a target is named by where
 it sends, TARGET:PORT, so a server added beside `i-0abc:8080` at port 8081 is the target
-`i-0abc:8081`, and a server moved to another port becomes the target there (the run
-records the name each call returns). An added target starts drained, that is not
+`i-0abc:8081`, and a server moved to another port becomes the target there: each call
+returns the name, which the run must record. An added target starts drained, that is not
 registered: AWS lists only registered and draining targets, so the adapter remembers the
-targets it added or moved to for the run and lists them as drained (`unused`) until
-`set_state(..., "ready")` registers them. A new process does not know an added target
+targets it added or moved to for the run and lists them as drained
+(`Target.NotRegistered`) until `set_state(..., "ready")` registers them. A new process does not know an added target
 that is still unregistered; the run's journal records its name. Moving or removing a
 target that is registered, or still draining, is refused: it would take it out of traffic
 (or cut requests in flight) behind the run's back.
