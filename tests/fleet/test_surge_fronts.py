@@ -12,6 +12,9 @@ surge needs (`SURGE_NEEDS`).
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -23,10 +26,11 @@ from compose_rollout.lb.caddy import CaddyLoadBalancer
 from compose_rollout.lb.nginx import NginxLoadBalancer
 from compose_rollout.lb.traefik import TraefikLoadBalancer
 from compose_rollout.testbed import Testbed
-from compose_rollout.testbed.fronts import FRONTS
 from compose_rollout.testbed.capacity import CapacitySampler
+from compose_rollout.testbed.fronts import FRONTS
 from compose_rollout.testbed.traffic import Traffic
-from tests.fleet.inflight import SlowRequests
+from tests.fleet.inflight import SlowRequests, wait_until
+from tests.fleet.test_faults import CLI, cli_deploy, journal
 from tests.fleet.test_rollout import fleet_file
 from tests.fleet.test_surge import SURGE, only_the_image_changed
 
@@ -106,6 +110,12 @@ def test_a_surge_through_the_lb_moves_the_fleet_and_back_without_losing_a_server
         assert capacity.maximum == 4, "no new container ever served beside an old one"
         assert_settled(bed, lb, bed.image_id(f"{bed.image_repository}:{tag}"))
         assert {bed.published_port(i.name) for i in bed.instances} == {port}
+        if tag == "v2":  # the fleet file says :8080; status finds each server at :8081, as the next run must
+            status = subprocess.run([*CLI, "status", "--fleet", fleet], capture_output=True, text=True, timeout=60)
+            assert status.returncode == 0, status.stderr[-2000:]
+            shown = status.stdout
+            assert shown.count("HTTP 200") == 3 and shown.count(bed.front(lb).status_in_rotation) == 3, shown
+            assert shown.count("8081 (8080/tcp)") == 3 and "also has" not in shown, shown
     for instance in bed.instances:
         after = instance.compose_file.read_bytes()
         assert only_the_image_changed(compose[instance.name], after, bed.image_repository)
@@ -136,3 +146,37 @@ def test_a_broken_image_with_surge_through_the_lb_is_rolled_back_and_the_old_con
     assert {i.name: i.compose_file.read_bytes() for i in bed.instances} == compose
     assert bed.front(lb).known() == servers
     assert_settled(bed, lb, bed.image_id(f"{bed.image_repository}:v1"))
+
+
+@pytest.mark.timeout(360)
+def test_a_surge_killed_through_the_lb_is_recovered_by_rollout_recover(
+    fresh_fleet: Testbed, lb: str, tmp_path: Path
+) -> None:
+    """Expected: SIGKILL of `rollout deploy --strategy surge` once app-2's new server is in
+    the LB (app-1 already renamed to :8081), then `rollout recover`: app-2's new server
+    and second container are gone, app-1 is back on v1 with one server at its container's
+    port, app-2's old container never stopped, no request failed, the fleet unlocked."""
+    bed = fresh_fleet
+    front = bed.front(lb)
+    compose, before = {i.name: i.compose_file.read_bytes() for i in bed.instances}, containers(bed)
+    fleet = fleet_file(bed, tmp_path, lb=lb)  # the strategy comes from the command line
+    app2_new = f"{bed.instance('app-2').address}:8081"
+    traffic = Traffic(bed.lb_url_of(lb))
+    traffic.start()
+    with cli_deploy(fleet, "v2", tmp_path / "deploy.log", "--strategy", "surge") as process:
+        wait_until(lambda: app2_new in front.known(), f"{lb} to have {app2_new}", timeout=180)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    assert len(containers(bed)["app-2"]) == 2, (tmp_path / "deploy.log").read_text()[-3000:]
+
+    recovered = subprocess.run([*CLI, "recover", "--fleet", fleet], capture_output=True, text=True, timeout=240)
+    seen = traffic.stop()
+    assert recovered.returncode == 0, recovered.stdout[-3000:] + recovered.stderr[-3000:]
+    assert "recovered" in recovered.stdout
+    assert_settled(bed, lb, bed.image_id(f"{bed.image_repository}:v1"))
+    assert {i.name: i.compose_file.read_bytes() for i in bed.instances} == compose
+    after = containers(bed)
+    assert after["app-2"] == before["app-2"] and after["app-3"] == before["app-3"]
+    assert seen.failed == 0, seen.failures
+    found = journal(tmp_path / "state")
+    assert found is not None and found["status"] == "recovered"
