@@ -34,6 +34,7 @@ from compose_rollout.testbed import Testbed
 from compose_rollout.testbed.capacity import CapacitySampler
 from compose_rollout.testbed.traffic import Traffic
 from tests.fleet.inflight import SlowRequests, wait_until
+from tests.fleet.test_command_lb import actions, command_fleet
 from tests.fleet.test_faults import CLI, cli_deploy, journal
 from tests.fleet.test_rollout import fleet_file
 
@@ -184,6 +185,21 @@ def test_after_a_surge_status_probes_the_port_each_container_got_and_the_next_su
 # ------------------------------------------------------------------------------ b
 
 
+def deploy_broken(fleet: str, url: str, capacity: CapacitySampler) -> None:
+    """A surge to the image whose /health never passes, under traffic through `url`: it
+    fails at app-1's health gate, no request fails, and `capacity` never sees fewer than
+    3 servers taking requests."""
+    traffic = Traffic(url)
+    traffic.start()
+    with capacity, pytest.raises(DeployFailed) as raised:
+        rolling_deploy(fleet_file=fleet, tag="broken", triggered_by="test")
+    seen = traffic.stop()
+    message = str(raised.value)
+    assert "instance app-1" in message and "/health" in message, message
+    assert seen.failed == 0, seen.failures
+    assert capacity.minimum >= 3, f"fewest servers taking requests: {capacity.lowest()}"
+
+
 @pytest.mark.timeout(300)
 def test_a_broken_image_with_surge_is_rolled_back_and_the_old_container_never_stops(
     surge_fleet: Testbed, tmp_path: Path
@@ -194,17 +210,7 @@ def test_a_broken_image_with_surge_is_rolled_back_and_the_old_container_never_st
     bed = surge_fleet
     before = look(bed)
     v1 = bed.image_id(f"{bed.image_repository}:v1")
-    fleet = fleet_file(bed, tmp_path, rollout=SURGE, health={"timeout_seconds": 8})
-    traffic = Traffic(bed.lb_url)
-    traffic.start()
-    with sampled(bed) as capacity, pytest.raises(DeployFailed) as raised:
-        rolling_deploy(fleet_file=fleet, tag="broken", triggered_by="test")
-    seen = traffic.stop()
-
-    message = str(raised.value)
-    assert "instance app-1" in message and "/health" in message, message
-    assert seen.failed == 0, seen.failures
-    assert capacity.minimum >= 3, f"fewest servers taking requests: {capacity.lowest()}"
+    deploy_broken(fleet_file(bed, tmp_path, rollout=SURGE, health={"timeout_seconds": 8}), bed.lb_url, sampled(bed))
     after = look(bed)
     assert_settled(bed, after, v1)
     assert after.compose == before.compose  # byte for byte
@@ -317,14 +323,16 @@ def test_a_service_surge_cannot_run_twice_is_refused_naming_the_instance_and_the
 
 @pytest.mark.timeout(180)
 def test_surge_through_an_lb_that_cannot_add_servers_is_refused(surge_fleet: Testbed, tmp_path: Path) -> None:
-    """Expected: nginx (in front of the same instances, port range and all) has no
-    add_server; the refusal names it and the setting that needs it, touching nothing."""
+    """Expected: the `command` adapter (the fleet owner's commands, here driving the bed's
+    HAProxy) has no add_server; the refusal names it and the setting that needs it,
+    touching nothing: no command ran."""
     bed = surge_fleet
-    nginx = bed.front("nginx")
-    before, nginx_before = look(bed), nginx.view()
-    fleet = fleet_file(bed, tmp_path, lb="nginx", rollout=SURGE)
+    before = look(bed)
+    log = tmp_path / "commands.log"
+    fleet = command_fleet(bed, tmp_path, log, rollout=SURGE)
     with pytest.raises(RolloutError) as raised:
         rolling_deploy(fleet_file=fleet, tag="v2", triggered_by="test")
     message = str(raised.value)
     assert "add_server" in message and "rollout.strategy: surge" in message, message
-    assert (look(bed), nginx.view()) == (before, nginx_before)
+    assert look(bed) == before
+    assert actions(log) == []  # no drain, ready, recheck or shutdown was asked
