@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -360,25 +361,49 @@ def test_a_scheduled_run_without_a_tag_takes_the_policy_tag_then_does_nothing(
     assert {r["outcome"] for r in found["records"]} == {"unchanged"}
 
 
+# The window opens at the first whole minute more than this ahead (Prefect's cron has
+# minutes, not seconds). Within it: the worker starts the run asked for, which re-schedules
+# itself, and the test sees that run still waiting (4.5 s measured; the CLI's own start is
+# left out of it), all before the last 10 s ahead of the window, in which a run that begins
+# waits for it (windows.EARLY_START_TOLERANCE) and the worker takes its scheduled run
+# (Prefect's worker prefetch).
+WINDOW_LEAD = timedelta(seconds=30)
+
+
+def held_until(gate: Path, instance: str = "") -> dict[str, Any]:
+    """A per-instance hook (before_instance, after_instance) that holds the run until the
+    file `gate` exists, only at `instance` if one is named: the test lets the run go on
+    once it has seen what the run must wait for. Bounded: at its timeout the instance
+    fails (a test that fails first creates the file in its `finally`)."""
+    wait = f"until [ -e {shlex.quote(str(gate))} ]; do sleep 0.1; done"
+    if instance:
+        wait = f'[ "$ROLLOUT_INSTANCE" != {instance} ] || {wait}'
+    return {"command": wait, "timeout_seconds": 240}
+
+
 @pytest.mark.timeout(420)
 def test_a_run_outside_the_window_waits_for_it_and_stops_when_the_window_closes(
     fresh_fleet: Testbed, stack: Stack, tmp_path: Path
 ) -> None:
     bed = fresh_fleet
     before = observe(bed)
-    # A one-minute window opening at a whole minute 40 to 100 s from now (Prefect's cron
-    # has minutes, not seconds); batches of one with a pause longer than the window, so
-    # the window has closed when the second batch would start, however fast the machine.
-    opens = (datetime.now(UTC) + timedelta(seconds=100)).replace(second=0, microsecond=0)
+    url = f"{stack.api}/deployments/{deployment_id(stack.api)}/create_flow_run"  # what the UI's Run does
+    opens = (datetime.now(UTC) + WINDOW_LEAD).replace(second=0, microsecond=0) + timedelta(minutes=1)
+    closes = opens + timedelta(minutes=1)
     window = {"cron": f"{opens.minute} {opens.hour} * * *", "duration_minutes": 1, "timezone": "UTC"}
+    # Batches of one; the first batch is held (after app-1's new container is healthy) until
+    # the test has seen the window close, so the window has closed when the second batch
+    # would start, however fast the machine.
+    gate = tmp_path / "window-closed"
     fleet = fleet_file(
         bed,
         tmp_path,
         maintenance_windows=[window],
-        rollout={"batch_size": 1, "pause_between_batches_seconds": 61},
+        rollout={"batch_size": 1},
+        hooks={"after_instance": held_until(gate)},
         health={"timeout_seconds": 8},
     )
-    requested = start_run(stack.env, "rolling-deploy/fleet", f"fleet_file={fleet}", "tag=v2")
+    requested = call_api("POST", url, {"parameters": {"fleet_file": fleet, "tag": "v2"}})["id"]
     asked = wait_for_final(stack.api, requested)
     assert asked["state"]["type"] == "COMPLETED", tail(stack.worker_log)
     assert observe(bed) == before  # nothing touched outside the window
@@ -393,7 +418,13 @@ def test_a_run_outside_the_window_waits_for_it_and_stops_when_the_window_closes(
 
     traffic = Traffic(bed.lb_url)
     traffic.start()
-    final = wait_for_final(stack.api, later["id"], timeout=(opens - datetime.now(UTC)).total_seconds() + 240)
+    try:
+        # The clock the run reads too: once it is past the window's end, the first batch may end.
+        while (left := (closes - datetime.now(UTC)).total_seconds()) > 0:
+            time.sleep(left)  # waiting for the window to close
+    finally:
+        gate.touch()
+    final = wait_for_final(stack.api, later["id"])
     seen = traffic.stop()
     assert final["state"]["type"] == "FAILED", tail(stack.worker_log)
     assert "maintenance window closed before batch 2/3" in final["state"]["message"]
@@ -411,9 +442,9 @@ def test_a_run_outside_the_window_waits_for_it_and_stops_when_the_window_closes(
 def test_runs_for_one_fleet_queue_in_order_and_other_fleets_do_not_wait(
     fresh_fleet: Testbed, stack: Stack, tmp_path: Path
 ) -> None:
-    """Two fleets on the bed: left (app-1, app-2, batches of one with a long pause) behind
-    the `fleet` deployment, right (app-3) behind a second deployment made as the README
-    says (a copy of the entry in prefect.yaml)."""
+    """Two fleets on the bed: left (app-1, app-2, batches of one; the first run is held
+    before app-2 until the test lets it go) behind the `fleet` deployment, right (app-3)
+    behind a second deployment made as the README says (a copy of the entry in prefect.yaml)."""
     bed = fresh_fleet
     whole = yaml.safe_load(Path(fleet_file(bed, tmp_path / "whole")).read_text())
 
@@ -424,8 +455,10 @@ def test_runs_for_one_fleet_queue_in_order_and_other_fleets_do_not_wait(
         path.write_text(yaml.safe_dump(document))
         return str(path)
 
-    left = subset("left", {"app-1", "app-2"}, rollout={"batch_size": 1, "pause_between_batches_seconds": 45})
-    left_again = subset("left", {"app-1", "app-2"}, file="left-no-pause")  # the same fleet, no pause
+    gate = tmp_path / "go-on"
+    held = {"before_instance": held_until(gate, "app-2")}
+    left = subset("left", {"app-1", "app-2"}, rollout={"batch_size": 1}, hooks=held)
+    left_again = subset("left", {"app-1", "app-2"}, file="left-not-held")  # the same fleet, nothing held
     right = subset("right", {"app-3"}, rollout={"allow_single_instance": True})  # app-1/2 serve meanwhile
     project = yaml.safe_load((REPO / "prefect.yaml").read_text())
     entry = project["deployments"][0] | {"name": "fleet-right", "schedules": []}
@@ -438,14 +471,24 @@ def test_runs_for_one_fleet_queue_in_order_and_other_fleets_do_not_wait(
     # Asked for once the first runs: two runs the worker picks up in one poll start in either order.
     wait_for_run(stack.api, lambda r: r["id"] == first and r["state"]["type"] == "RUNNING", 60)
     queued = start_run(stack.env, "rolling-deploy/fleet", f"fleet_file={left_again}", "tag=v1")
-    # Once the first run is in its pause between batches, the other fleet's run starts and ends.
-    wait_for_journal(state, lambda j: record(j, "app-1").get("outcome") == "updated", fleet="left", run_id=first)
-    other = start_run(stack.env, "rolling-deploy/fleet-right", "tag=v2")
-    assert wait_for_final(stack.api, other)["state"]["type"] == "COMPLETED", tail(stack.worker_log)
-    during = run_journal(state, "left", first)
-    assert during["finished_at"] is None, "the other fleet's run waited for this fleet's run"
-    queued_now = call_api("GET", f"{stack.api}/flow_runs/{queued}")
-    assert queued_now["state"]["type"] in ("SCHEDULED", "PENDING"), queued_now["state"]
+    try:
+        # Once the first run has moved app-1 and is held before app-2, the other fleet's run starts and ends.
+        wait_for_journal(
+            state,
+            lambda j: (
+                record(j, "app-1").get("outcome") == "updated" and record(j, "app-2").get("step") == "before_instance"
+            ),
+            fleet="left",
+            run_id=first,
+        )
+        other = start_run(stack.env, "rolling-deploy/fleet-right", "tag=v2")
+        assert wait_for_final(stack.api, other)["state"]["type"] == "COMPLETED", tail(stack.worker_log)
+        during = run_journal(state, "left", first)
+        assert during["finished_at"] is None, "the other fleet's run waited for this fleet's run"
+        queued_now = call_api("GET", f"{stack.api}/flow_runs/{queued}")
+        assert queued_now["state"]["type"] in ("SCHEDULED", "PENDING"), queued_now["state"]
+    finally:
+        gate.touch()
 
     assert wait_for_final(stack.api, first)["state"]["type"] == "COMPLETED", tail(stack.worker_log)
     assert wait_for_final(stack.api, queued)["state"]["type"] == "COMPLETED", tail(stack.worker_log)
