@@ -26,7 +26,7 @@ import re
 from urllib.parse import urlsplit
 
 from compose_rollout.config import Instance
-from compose_rollout.errors import PreflightError, RemoteError
+from compose_rollout.errors import LoadBalancerError, PreflightError, RemoteError
 from compose_rollout.hosts import commands
 from compose_rollout.hosts.compose_file import services_of
 from compose_rollout.lb.base import SURGE_NEEDS, AddsServers, require
@@ -183,10 +183,16 @@ def surge_servers(ctx: Context, instance: Instance, ledger: Ledger) -> list[str]
     own = server_of(instance, ledger)
     address, _ = lb.server_address(own)
     servers = set(ctx.lb.servers()) - {own}
-    found = {name for name in servers if name == record.surge_server}
-    if record.surge_port:
-        found |= {name for name in servers - found if lb.server_address(name) == (address, record.surge_port)}
-    return sorted(found)
+    if record.surge_server in servers or not record.surge_port:
+        return [record.surge_server] if record.surge_server in servers else []
+    found = []
+    for name in sorted(servers):
+        try:
+            if lb.server_address(name) == (address, record.surge_port):
+                found.append(name)
+        except LoadBalancerError:
+            continue  # removed meanwhile (by another instance of the batch)
+    return found
 
 
 def settle_names(ctx: Context, instance: Instance, ledger: Ledger) -> None:
