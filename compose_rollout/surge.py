@@ -251,17 +251,19 @@ def move_back(ctx: Context, instance: Instance, ledger: Ledger) -> None:
     ledger.update(instance.name, port=port, moved=False, lb_server=server)
 
 
-def unregister(ctx: Context, instance: Instance, ledger: Ledger) -> None:
-    """Drain the surge server, let its requests finish, remove it from the LB."""
+def unregister(ctx: Context, instance: Instance, ledger: Ledger) -> list[str]:
+    """Drain the surge server, let its requests finish, remove it from the LB; the names removed."""
     record = ledger[instance.name]
     if not record.surge_server and not record.surge_port:
-        return
+        return []
     lb = adds_servers(ctx)
-    for name in surge_servers(ctx, instance, ledger):
+    names = surge_servers(ctx, instance, ledger)
+    for name in names:
         ctx.lb.set_state(name, "drain")
         wait_for_sessions(ctx, instance, ledger, server_name=name)
         lb.remove_server(name)
     ledger.update(instance.name, surge_server="")
+    return names
 
 
 def remove_strays(ctx: Context, instance: Instance, ledger: Ledger) -> None:

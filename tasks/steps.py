@@ -218,8 +218,7 @@ def settle_names(ctx: Context, instance: str, ledger: Ledger) -> None:
 
 @task(name="remove-surge-server", task_run_name="remove-surge-server-{instance}", **ONCE)
 def remove_surge_server(ctx: Context, instance: str, ledger: Ledger) -> None:
-    names = surge.surge_servers(ctx, ctx.fleet.instance(instance), ledger)
-    surge.unregister(ctx, ctx.fleet.instance(instance), ledger)
+    names = surge.unregister(ctx, ctx.fleet.instance(instance), ledger)
     if names:
         get_run_logger().info("%s: %s removed from the LB", instance, ", ".join(names))
 
