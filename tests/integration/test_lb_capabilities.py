@@ -17,8 +17,8 @@ import requests
 
 from compose_rollout.errors import LoadBalancerError, PreflightError
 from compose_rollout.lb.base import SURGE_NEEDS, AddsServers, Capability, CountsResponses, LoadBalancer, Weighs, require
+from compose_rollout.lb.command import CommandLoadBalancer
 from compose_rollout.lb.haproxy import HaproxyClient
-from compose_rollout.lb.nginx import NginxLoadBalancer
 from tests.integration.test_haproxy_recheck import HAPROXY
 
 
@@ -93,9 +93,9 @@ def test_preflight_names_the_capability_a_strategy_needs_and_the_lb_lacks(
 ) -> None:
     client, _ = haproxy
     require(client, ["response_counters", *SURGE_NEEDS], "the surge strategy")  # declared: no error
-    nginx = _Named(NginxLoadBalancer.capabilities)
+    commands = _Named(CommandLoadBalancer.capabilities)
     with pytest.raises(PreflightError, match="cannot add_server, move_server, remove_server, which the surge"):
-        require(cast(LoadBalancer, nginx), SURGE_NEEDS, "the surge strategy")
+        require(cast(LoadBalancer, commands), SURGE_NEEDS, "the surge strategy")
 
 
 class _Named:
@@ -103,7 +103,7 @@ class _Named:
 
     def __init__(self, capabilities: frozenset[Capability]) -> None:
         self.capabilities = capabilities
-        self.backend = "upstream app in nginx"
+        self.backend = "the fleet's commands"
 
 
 class _Other(BaseHTTPRequestHandler):
