@@ -443,11 +443,11 @@ def find_servers(ctx: Context) -> Fleet:
     for instance in ctx.fleet.instances:
         if instance.lb_server in names:
             continue
-        container = container_state(ctx, instance)
         try:
             address, port = lb.server_address(instance.lb_server)
         except LoadBalancerError:
             continue  # an LB that names servers itself: preflight says it has no such server
+        container = container_state(ctx, instance)
         held = range_holding(inspect(ctx, instance, container.id), port) if container is not None else None
         if held is None:
             continue
