@@ -478,8 +478,8 @@ def _deploy(
     if switch:
         logger.warning("fleet %s: %s", fleet.name, switch)
     ledger.target = str(pinned)
-    for name, found in snapshots.items():
-        ledger.add(
+    ledger.add(
+        *(
             InstanceRecord(
                 name=name,
                 compose_path=found.edited_path or found.instance.compose_path,
@@ -496,7 +496,9 @@ def _deploy(
                 port=found.port,
                 lb_server=found.instance.lb_server,
             )
+            for name, found in snapshots.items()
         )
+    )
     for name, why in unpulled.items():  # within the failure budget: left as they are
         logger.warning("%s could not pull %s (%s); going on without it (max_failed_instances)", name, pinned, why)
         ledger.update(name, outcome="failed", error=f"pre-pull: {why}")

@@ -81,7 +81,7 @@ class Executor(Protocol):
 
     def file_mode(self, path: str) -> int: ...
 
-    def write_file_atomic(self, path: str, data: bytes, mode: int) -> None: ...
+    def write_file_atomic(self, path: str, data: bytes, mode: int, *, durable: bool = True) -> None: ...
 
     def remove_file(self, path: str) -> None: ...
 
@@ -326,7 +326,7 @@ class SshHost:
             raise RemoteError(f"{self.name}: cannot stat {path}: {error}") from None
 
     @_one_sftp_call_at_a_time
-    def write_file_atomic(self, path: str, data: bytes, mode: int) -> None:
+    def write_file_atomic(self, path: str, data: bytes, mode: int, *, durable: bool = True) -> None:
         """Replace the file at `path` with `data` (permission bits `mode`), all or nothing.
 
         The file replaced keeps its owner and group; if `path` is a symlink, its target is
@@ -335,6 +335,10 @@ class SshHost:
         no more than `mode` from the start, fsynced, then renamed over; the directory is
         synced after. A failure before the rename (a full disk, say) leaves the original
         untouched and removes the temp file.
+
+        `durable=False` skips the directory sync, a command on the host (~0.1 s, most of a
+        write's time): a crash of the host's kernel may then leave the previous file, whole.
+        For copies whose original is kept elsewhere (the run journal's copy on the fleet).
         """
         sftp = self._sftp_client()
         target, existing = self._write_target(sftp, path)
@@ -368,6 +372,8 @@ class SshHost:
                     pass
             raise RemoteError(f"{self.name}: could not write {path} (original left intact): {reason}") from None
         # The rename is durable only once the directory is; SFTP has no request for that.
+        if not durable:
+            return
         try:
             self.run(["sync", "--", directory or "."], timeout=SYNC_TIMEOUT_SECONDS)
         except RemoteError as error:

@@ -133,9 +133,10 @@ class Ledger:
     observer: Callable[[Ledger], None] | None = field(default=None, repr=False, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def add(self, record: InstanceRecord) -> None:
+    def add(self, *records: InstanceRecord) -> None:
+        """Add records and persist the journal once."""
         with self._lock:
-            self.records[record.name] = record
+            self.records.update((record.name, record) for record in records)
             self._write()
 
     def update(self, name: str, **changes: Any) -> InstanceRecord:

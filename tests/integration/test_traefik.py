@@ -94,7 +94,7 @@ class LocalHost:
     def file_mode(self, path: str) -> int:
         return os.stat(path).st_mode & 0o7777
 
-    def write_file_atomic(self, path: str, data: bytes, mode: int) -> None:
+    def write_file_atomic(self, path: str, data: bytes, mode: int, *, durable: bool = True) -> None:
         temp = Path(path).with_name(f".{Path(path).name}.test.rollout-tmp")
         temp.write_bytes(data)
         temp.chmod(mode)

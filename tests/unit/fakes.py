@@ -73,7 +73,7 @@ class FakeHost:
     def file_mode(self, path: str) -> int:
         return self.modes.get(path, 0o644)
 
-    def write_file_atomic(self, path: str, data: bytes, mode: int) -> None:
+    def write_file_atomic(self, path: str, data: bytes, mode: int, *, durable: bool = True) -> None:
         if self.fail_writes:
             from compose_rollout.errors import RemoteError
 
