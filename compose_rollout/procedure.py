@@ -177,6 +177,8 @@ class ContainerState:
     status: str
     restart_count: int
     health: str
+    # The whole `docker inspect` answer it was read from (ports, labels): asked once.
+    inspected: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def describe(self) -> str:
         health = f", docker health {self.health}" if self.health else ""
@@ -188,13 +190,11 @@ def compose_version(ctx: Context, instance: Instance) -> ComposeVersion:
     if ctx.fleet.compose.command != "auto":
         return ctx.fleet.compose.command
     if instance.name not in ctx.compose_versions:
-        host = ctx.hosts[instance.name]
-        for version in ("v2", "v1"):
-            if host.run(commands.compose_probe(version), timeout=30, check=False).ok:
-                ctx.compose_versions[instance.name] = version
-                break
-        else:
+        found = ctx.hosts[instance.name].run(commands.COMPOSE_PROBE, timeout=30, check=False)
+        version = found.stdout.strip()
+        if not found.ok or version not in ("v2", "v1"):
             raise RemoteError(f"{instance.name}: neither `docker compose` nor `docker-compose` works")
+        ctx.compose_versions[instance.name] = "v2" if version == "v2" else "v1"
     return ctx.compose_versions[instance.name]
 
 
@@ -233,6 +233,7 @@ def container_state(
         status=state["Status"],
         restart_count=int(info.get("RestartCount", 0)),
         health=(state.get("Health") or {}).get("Status", ""),
+        inspected=info,
     )
 
 
@@ -257,7 +258,7 @@ def service_ports(ctx: Context, instance: Instance, found: Snapshot) -> tuple[Po
     if not isinstance(ctx.lb, AddsServers):
         return None
     _, lb_port = ctx.lb.server_address(instance.lb_server)
-    ports = reached_at(inspect(ctx, instance, found.container.id), lb_port)
+    ports = reached_at(found.container.inspected or inspect(ctx, instance, found.container.id), lb_port)
     return (ports, lb_port) if ports is not None else None
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shlex
 import string
 import subprocess
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -77,20 +78,38 @@ def test_project_directory_with_a_space_is_one_argument():
     assert shlex.split(shlex.join(argv)) == argv
 
 
-def test_compose_probe_v2_asks_docker_compose_for_its_version():
-    assert commands.compose_probe("v2") == [*V2, "version"]
+def _probe(tmp_path: Path, programs: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """The Compose probe with only `programs` (name: shell body) on PATH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, body in programs.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    return subprocess.run(
+        commands.COMPOSE_PROBE,
+        env={"PATH": str(bin_dir)},
+        capture_output=True,
+        text=True,
+        timeout=10,
+        executable="/bin/sh",
+    )
 
 
-def test_compose_probe_v1_finds_the_program_without_starting_it(tmp_path):
-    fake = tmp_path / "bin" / "docker-compose"
-    fake.parent.mkdir()
-    fake.write_text("#!/bin/sh\necho started >> " + str(tmp_path / "ran") + "\n")
-    fake.chmod(0o755)
-    probe = commands.compose_probe("v1")
-    found = subprocess.run(probe, env={"PATH": f"{fake.parent}:/usr/bin:/bin"}, timeout=10)
-    missing = subprocess.run(probe, env={"PATH": str(tmp_path / "empty")}, timeout=10, executable="/bin/sh")
-    assert found.returncode == 0 and missing.returncode != 0
-    assert not (tmp_path / "ran").exists()  # looked up, never run
+def test_the_compose_probe_prefers_docker_compose_v2(tmp_path):
+    found = _probe(tmp_path, {"docker": '[ "$1 $2" = "compose version" ]', "docker-compose": "exit 0"})
+    assert (found.returncode, found.stdout) == (0, "v2\n")
+
+
+def test_the_compose_probe_finds_v1_without_starting_it(tmp_path):
+    ran = tmp_path / "ran"
+    found = _probe(tmp_path, {"docker": "exit 1", "docker-compose": f"echo started >> {ran}"})
+    assert (found.returncode, found.stdout) == (0, "v1\n")
+    assert not ran.exists()  # looked up, never run
+
+
+def test_the_compose_probe_fails_without_either(tmp_path):
+    found = _probe(tmp_path, {"docker": "exit 1"})
+    assert found.returncode != 0 and found.stdout == ""
 
 
 # --- timeout ------------------------------------------------------------------------------------------------------

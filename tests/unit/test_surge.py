@@ -11,6 +11,7 @@ import pytest
 
 from compose_rollout import procedure, surge
 from compose_rollout.errors import PreflightError
+from compose_rollout.hosts import commands
 from compose_rollout.lb.base import Capability
 from compose_rollout.ports import Ports, host_ports, published_range, reached_at
 from compose_rollout.procedure import Context
@@ -74,7 +75,7 @@ def surge_preflight(
     the_fleet = fleet(instances=instances, rollout={"strategy": "surge"})
     host = FakeHost("app-1")
     host.files["/srv/app-1/docker-compose.yml"] = compose.encode()
-    host.on(["docker", "compose", "version"], lambda argv: "v2")
+    host.on(commands.COMPOSE_PROBE, lambda argv: "v2")
     host.on(["docker", "ps"], lambda argv: "c1\n")
     host.on(["docker", "container", "inspect"], lambda argv: json.dumps([inspection(host_port)]))
     host.on(["docker", "container", "stats"], lambda argv: used + "\n")
