@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from compose_rollout import procedure, surge
+from compose_rollout import local_server, procedure, surge
 from compose_rollout.config import Fleet, Instance, load_fleet
 from compose_rollout.errors import RolloutError
 from compose_rollout.hosts.compose_file import unified_diff
@@ -70,7 +70,8 @@ def _recover(args: argparse.Namespace) -> int:
     from compose_rollout.flows.rolling_deploy import recover_fleet  # imports Prefect
 
     _interrupt_on_sigterm()
-    print(recover_fleet(fleet_file=args.fleet, i_checked=args.i_checked))
+    with local_server.prefect_api():
+        print(recover_fleet(fleet_file=args.fleet, i_checked=args.i_checked))
     return EXIT_OK
 
 
@@ -128,14 +129,15 @@ def _deploy(args: argparse.Namespace, triggered_by: str = "cli") -> int:
 
     _interrupt_on_sigterm()
     try:
-        rows = rolling_deploy(
-            fleet_file=args.fleet,
-            tag=args.tag,
-            image=args.image,
-            **policy,
-            urgent=getattr(args, "urgent", False),
-            triggered_by=triggered_by,
-        )
+        with local_server.prefect_api():
+            rows = rolling_deploy(
+                fleet_file=args.fleet,
+                tag=args.tag,
+                image=args.image,
+                **policy,
+                urgent=getattr(args, "urgent", False),
+                triggered_by=triggered_by,
+            )
     except RolloutError as error:
         print(f"\nFAILED: {error}", file=sys.stderr)
         return EXIT_FAILED

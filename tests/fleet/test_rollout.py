@@ -70,6 +70,11 @@ def latest_artifact(key: str) -> Artifact:
     return artifact
 
 
+def stop_local_server(env: dict[str, str]) -> None:
+    """`prefect server stop` in the Prefect home of `env`: the local server a CLI run left."""
+    subprocess.run([sys.executable, "-m", "prefect", "server", "stop"], env=env, capture_output=True, timeout=60)
+
+
 def deploy_under_traffic(
     bed: Testbed, fleet: str, tag: str
 ) -> tuple[list[dict[str, object]] | None, str, TrafficResult]:
@@ -168,14 +173,17 @@ def test_a_failure_on_a_later_instance_rolls_back_the_ones_already_moved(fresh_f
 
 @pytest.mark.timeout(300)
 def test_cli_deploy_exits_0_on_success_and_1_with_a_summary_after_rollback(
-    fresh_fleet: Testbed, tmp_path: Path
+    fresh_fleet: Testbed, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     bed = fresh_fleet
     fleet = fleet_file(bed, tmp_path, health={"timeout_seconds": 6})
     rollout = [sys.executable, "-m", "compose_rollout.cli", "deploy", "--fleet", fleet]
-    # The path a new user takes: no Prefect server, so each call starts a temporary one
-    # (the other CLI tests share the session's server).
-    alone = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    # The path a new user takes: no Prefect server, so the first call starts a local one in
+    # the background and the next finds it (the other CLI tests share the session's server).
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    alone = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"} | {"PREFECT_HOME": str(home)}
+    request.addfinalizer(lambda: stop_local_server(alone))
     # The fleet file says batches of one, no canary; the flags say otherwise for this run.
     good = subprocess.run(
         [*rollout, "--tag", "v2", "--canary", "--batch-size", "2"],
@@ -185,15 +193,16 @@ def test_cli_deploy_exits_0_on_success_and_1_with_a_summary_after_rollback(
         timeout=240,
     )
     assert good.returncode == 0, good.stderr[-2000:]
+    assert "Prefect: started a local Prefect server at http://127.0.0.1:" in good.stderr
     assert good.stdout.count("updated") == 3
     assert "batch 1/2: app-1" in good.stdout + good.stderr and "batch 2/2: app-2, app-3" in good.stdout + good.stderr
     v2 = bed.image_id(f"{bed.image_repository}:v2")
     assert {bed.running_image(i.name) for i in bed.instances} == {v2}
 
     before = observe(bed)
-    # The session's server this time: the temporary-server path was just proven.
-    bad = subprocess.run([*rollout, "--tag", "broken"], capture_output=True, text=True, timeout=240)
+    bad = subprocess.run([*rollout, "--tag", "broken"], env=alone, capture_output=True, text=True, timeout=240)
     assert bad.returncode == 1
+    assert "Prefect: using the local Prefect server an earlier run started" in bad.stderr
     summary = next(line for line in bad.stderr.splitlines() if line.startswith("FAILED: "))
     assert summary.startswith("FAILED: Rollout of fleet demo")
     assert "instance app-1 at step await-healthy" in summary and "Rolled back app-1" in summary
