@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import surge_report
+from bench import first_seconds, surge_report
 from bench.monitor import Outage
 from bench.scenarios import FAST_INTERVAL, FAST_WORKERS, SLOW_SECONDS, SLOW_WORKERS, FloorSample, Results, Run
 
@@ -117,6 +117,7 @@ def summary(results: Results) -> dict[str, Any]:
             for r in results.runs
         ],
         "targets": [vars(t) for t in surge_report.targets(results)],
+        "first_seconds_targets": [vars(t) for t in first_seconds.targets(results)],
         "skipped": results.skipped,
     }
 
@@ -287,6 +288,7 @@ def findings(results: Results) -> list[str]:
             f"{ssh_range(scale[-1])} SSH login per host whatever the size."
         )
     bullets.extend(surge_report.findings(results))
+    bullets.extend(first_seconds.findings(results))
     return bullets
 
 
@@ -602,6 +604,8 @@ def render(results: Results, plot_name: str) -> str:
         "minimal-health-policy row shows what is left without them). The peers do none of that."
     )
     add("")
+
+    out.extend(first_seconds.section(results))
 
     # 4. peers ---------------------------------------------------------------------------
     add("## 4. Against the peers (same fleet, same load, v1 → v2, 3 instances, one at a time unless said)")

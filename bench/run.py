@@ -47,7 +47,7 @@ def _quiet_prefect_env() -> None:
 
 _quiet_prefect_env()
 
-from bench import peers, report  # noqa: E402 - after the environment above
+from bench import first_seconds, peers, report  # noqa: E402 - after the environment above
 from bench.scenarios import (  # noqa: E402
     ActionResult,
     FloorSample,
@@ -224,6 +224,24 @@ class Suite:
         run.fleet_on_target = fleet_on(bed, "v2")
         self._record(run)
 
+    def first_seconds(self, bed: Testbed) -> None:
+        """`rollout deploy` as a new process, with and without a Prefect server: how soon
+        the first drain comes (see bench/first_seconds.py)."""
+        from prefect.settings import PREFECT_API_URL
+
+        envs = first_seconds.environments(self.workdir, str(PREFECT_API_URL.value()))
+        try:
+            for label, env in envs:
+                bed.reset()
+                fleet, _ = self.fleet_file(bed, f"cli-{len(self.results.runs)}")
+                say(f"{first_seconds.RUNNER}: {label}")
+                action = first_seconds.cli_action(fleet, "v2", env)
+                run = measure(bed, first_seconds.RUNNER, label, "1", action, steady_seconds=self.steady)
+                run.fleet_on_target = fleet_on(bed, "v2")
+                self._record(run)
+        finally:
+            first_seconds.stop_left_server(envs[-1][1])
+
     def floor(self, bed: Testbed) -> None:
         bed.reset()
         say("floor: restart + app ready + LB rise, measured directly (no orchestration)")
@@ -246,6 +264,7 @@ class Suite:
     def on_small_bed(self, bed: Testbed, quick: bool, compose_rollout_only: bool) -> None:
         """Measurements 1-4 and the 3-instance scale point, on one bed of 3."""
         self.results.timeline = self.compose_rollout(bed, "v1 → v2", "v2", keep_series=True)
+        self.first_seconds(bed)
         for kind in FRONTS:  # the same rollout through each other LB the bed runs
             self.compose_rollout(bed, f"v1 → v2 through {kind}", "v2", lb=kind)
         if compose_rollout_only:
@@ -281,6 +300,7 @@ class Suite:
         """`--surge` on 3 instances: the rows the issue compares surge with, on one
         fleet under one load (in place, the shell script, Ansible), then surge."""
         self.results.timeline = self.compose_rollout(bed, "v1 → v2", "v2", keep_series=True)
+        self.first_seconds(bed)
         self.shell(bed)
         self.ansible(bed)
         self.surge(bed)
@@ -303,6 +323,11 @@ def main(argv: list[str] | None = None) -> int:
         "--surge",
         action="store_true",
         help="the surge strategy's measurements: in place, shell, Ansible and surge at 3, surge alone at 12 and 24",
+    )
+    modes.add_argument(
+        "--first-seconds",
+        action="store_true",
+        help="only `rollout deploy` to the first drain, with and without a Prefect server (3 instances)",
     )
     parser.add_argument(
         "--out",
@@ -332,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         help="only re-render the report from the results.pickle a run saved in its workdir",
     )
     args = parser.parse_args(argv)
-    suffix = "-quick" if args.quick else "-surge" if args.surge else ""
+    suffix = "-quick" if args.quick else "-surge" if args.surge else "-first-seconds" if args.first_seconds else ""
     args.out = args.out or (ROOT / "bench" / f"BENCHMARKS{suffix}.md" if suffix else ROOT / "BENCHMARKS.md")
     args.plot = args.plot or ROOT / "bench" / f"timeline{suffix}.png"
     if args.report_from:
@@ -341,11 +366,12 @@ def main(argv: list[str] | None = None) -> int:
         say(f"wrote {args.out} and {args.plot} from {args.report_from}")
         return 0
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    sizes = [int(s) for s in (args.sizes or ("3" if args.quick else "3,12,24")).split(",")]
+    sizes = [int(s) for s in (args.sizes or ("3" if args.quick or args.first_seconds else "3,12,24")).split(",")]
     command = (
         "python -m bench.run"
         + (" --quick" if args.quick else "")
         + (" --surge" if args.surge else "")
+        + (" --first-seconds" if args.first_seconds else "")
         + (f" --sizes {args.sizes}" if args.sizes else "")
         + (" --compose-rollout-only" if args.compose_rollout_only else "")
     )
@@ -364,7 +390,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for size in sizes:
                 with test_bed(args.workdir, size, results, lock) as bed:
-                    if size == 3 and args.surge:
+                    if args.first_seconds:
+                        suite.first_seconds(bed)
+                        results.skipped.append("everything but `rollout deploy`'s first seconds (--first-seconds)")
+                    elif size == 3 and args.surge:
                         suite.surge_on_small_bed(bed)
                     elif size == 3:
                         suite.on_small_bed(bed, args.quick, args.compose_rollout_only)
@@ -375,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     results.finished = time.time()
     (args.workdir / "results.pickle").write_bytes(pickle.dumps(results))
     report.write(results, args.out, args.plot)
-    say(f"wrote {args.out} and {args.plot} ({(results.finished - results.started) / 60:.1f} min)")
+    plotted = f" and {args.plot}" if results.timeline is not None else ""
+    say(f"wrote {args.out}{plotted} ({(results.finished - results.started) / 60:.1f} min)")
     if args.json:
         args.json.write_text(json.dumps(report.summary(results), indent=1))
     failed = [r for r in results.runs if r.failed]

@@ -16,6 +16,7 @@ from bench.scenarios import Results, Run
 
 # The issue's targets for this machine.
 SURGE_CAPACITY_LOST_TARGET = 0.0
+PEERS = ("shell script", "Ansible")  # the runners that are not compose-rollout
 SURGE_VS_SHELL_AT_3 = 1.0  # surge batch 100 % wall ≤ this x the shell script's wall, 3 instances
 SURGE_24_VS_3 = 2.0  # surge batch 100 % wall at 24 ≤ this x its own wall at 3
 
@@ -55,7 +56,7 @@ def measured(results: Results) -> list[Run]:
 def name(run: Run) -> str:
     """How a run is named in the capacity table."""
     if run.runner != "compose-rollout":
-        return run.runner
+        return run.runner if run.runner in PEERS else f"{run.runner}, {run.label}"
     if run.strategy == "surge":
         return f"compose-rollout, surge, batch {run.batch}"
     if run.label == "v1 → v2":
