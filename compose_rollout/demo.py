@@ -1,12 +1,15 @@
 """The demo: a real local fleet, real traffic, a real rolling deploy.
 
-    python -m compose_rollout.demo [--tag v2|broken] [--lb haproxy|nginx|...] [--keep]
+    python -m compose_rollout.demo [--tag v2|broken] [--lb haproxy|nginx|...] [--strategy surge] [--keep]
 
 Starts the test bed (Docker engine, registry, three Compose instances each with its
 own sshd and address, a load balancer in front: HAProxy by default), sends traffic
 through that LB the whole time (slow requests included), rolls the fleet from v1 to
-the tag, and prints what happened to the fleet and to the requests. `--tag broken`
-shows an automatic rollback.
+the tag, and prints what happened to the fleet and to the requests, and the capacity
+lost: the seconds the LB sent requests to fewer servers than the fleet has instances
+(sampled every 50 ms). `--tag broken` shows an automatic rollback; `--strategy surge`
+starts each new container beside the old one (the instances publish the port range
+8080-8081 for it), so no capacity is lost.
 """
 
 from __future__ import annotations
@@ -29,6 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     options.add_argument("--keep", action="store_true", help="leave the fleet running afterwards")
     options.add_argument(
+        "--strategy",
+        default="in-place",
+        choices=("in-place", "surge"),
+        help="in-place (default) or surge: the new container starts beside the old one",
+    )
+    options.add_argument(
         "--lb", default="haproxy", choices=LB_KINDS, help="the load balancer in front (default: haproxy)"
     )
     args = options.parse_args(argv)
@@ -37,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from compose_rollout.flows.rolling_deploy import rolling_deploy
     from compose_rollout.testbed import Testbed
+    from compose_rollout.testbed.capacity import CapacitySampler
     from compose_rollout.testbed.traffic import Traffic
 
     print(f"Starting the demo fleet in {args.workdir} (Docker engine, registry, 3 instances, {args.lb})...")
@@ -44,13 +54,26 @@ def main(argv: list[str] | None = None) -> int:
     bed.start()
     failure = ""
     try:
-        fleet_file = bed.fleet_file(lb=args.lb)
+        if args.lb != "haproxy":
+            bed.front(args.lb)  # started before a port range is published, as it is reset with it
+        if args.strategy == "surge":
+            bed.publish_port_range()
+        fleet_file = bed.fleet_file(lb=args.lb, rollout={"strategy": args.strategy})
         url = bed.lb_url_of(args.lb)
-        print(f"Fleet file: {fleet_file}\nAll instances run v1. Traffic through {args.lb} at {url} starts now.")
+        print(
+            f"Fleet file: {fleet_file} (strategy {args.strategy})\n"
+            f"All instances run v1. Traffic through {args.lb} at {url} starts now."
+        )
+        if args.lb == "haproxy":
+            capacity = CapacitySampler(bed.admin.server_stats, bed.lb_backend)
+        else:
+            front = bed.front(args.lb)
+            capacity = CapacitySampler(lambda _: {name: {"status": "UP"} for name in front.serving()}, args.lb)
         traffic = Traffic(url, slow_seconds=3)
         traffic.start()
         try:
-            rows = rolling_deploy(fleet_file=str(fleet_file), tag=args.tag, triggered_by="demo")
+            with capacity:
+                rows = rolling_deploy(fleet_file=str(fleet_file), tag=args.tag, triggered_by="demo")
         except RolloutError as error:
             failure, rows = str(error), []
         finally:
@@ -69,6 +92,15 @@ def main(argv: list[str] | None = None) -> int:
         )
         for item in seen.failures[:5]:
             print(f"  failed: {item}")
+        instances = len(bed.instances)
+        if capacity.samples:
+            print(
+                f"Capacity lost: {capacity.seconds_below(instances):.1f} s with fewer than {instances} servers "
+                f"taking requests in {args.lb} (fewest at once: {capacity.minimum}, most: {capacity.maximum}; "
+                f"sampled every 50 ms)"
+            )
+        else:
+            print(f"Capacity lost: not measured, {args.lb} never answered the sampler: {capacity.errors[-1:]}")
         if args.keep:
             print(f"\nThe fleet keeps running. Try: rollout status --fleet {fleet_file}")
     finally:
