@@ -112,18 +112,22 @@ def _start(home: Path) -> str:
             stderr=subprocess.STDOUT,
             start_new_session=True,  # not stopped by the terminal's Ctrl-C, outlives this command
         )
-    deadline = time.monotonic() + _start_timeout()
-    while not healthy(url, timeout=min(PROBE_SECONDS, max(0.1, deadline - time.monotonic()))):
-        if process.poll() is not None or time.monotonic() >= deadline:
-            if process.poll() is None:
-                process.kill()
-                process.wait(timeout=10)
-            raise RolloutError(
-                f"The local Prefect server did not start within {_start_timeout():g} s "
-                f"(exit status {process.poll()}); its log: {home / LOG_FILE}. "
-                "Set PREFECT_API_URL to use a running Prefect server instead."
-            )
-        time.sleep(0.2)
+    try:
+        deadline = time.monotonic() + _start_timeout()
+        while not healthy(url, timeout=min(PROBE_SECONDS, max(0.1, deadline - time.monotonic()))):
+            status = process.poll()
+            if status is not None or time.monotonic() >= deadline:
+                why = f"exited with status {status}" if status is not None else "did not answer"
+                raise RolloutError(
+                    f"The local Prefect server {why} within {_start_timeout():g} s; its log: {home / LOG_FILE}. "
+                    "Set PREFECT_API_URL to use a running Prefect server instead."
+                )
+            time.sleep(0.2)
+    except BaseException:  # also Ctrl-C: no server is left running unrecorded
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+        raise
     _started.append(process)
     (home / STATE_FILE).write_text(json.dumps({"url": url, "pid": process.pid}))
     if not _pid_in(home / PREFECT_PID_FILE):  # never hide a background server someone else started

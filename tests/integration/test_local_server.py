@@ -109,7 +109,7 @@ def test_a_server_that_does_not_answer_in_time_is_stopped_and_the_error_names_it
     home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "0.5")
-    with pytest.raises(RolloutError, match=r"did not start within 0.5 s .*compose-rollout-server\.log"):
+    with pytest.raises(RolloutError, match=r"did not answer within 0.5 s; its log: .*compose-rollout-server\.log"):
         local_server.api_url()
     assert not (home / local_server.STATE_FILE).exists()
     assert not [pid for pid in _servers_started_here() if _running(pid)]
