@@ -318,10 +318,14 @@ def run_journal(state: Path, fleet: str, run_id: str) -> dict[str, Any]:
 
 
 def scheduled_run(api: str, deployment: str, parameters: dict[str, Any]) -> dict[str, Any]:
-    """Give the deployment a schedule whose first run is due in 2 s (the next one a day
-    later), as a user would in the UI or prefect.yaml; wait until Prefect's scheduler has
-    created that run and the worker has taken it; then remove the schedule."""
-    anchor = datetime.now(UTC) + timedelta(seconds=2)
+    """Give the deployment a schedule whose first run is due in a few seconds (the next one
+    a day later), as a user would in the UI or prefect.yaml; wait until Prefect's scheduler
+    has created that run and the worker has taken it; then remove the schedule.
+
+    The scheduler (every 2 s here) creates runs from its own "now" on: one that looks at
+    the schedule after the first date passed creates the day-later run only. 2 s of lead
+    once lost that race (the server's SQLite was busy); 6 s leaves room for a late loop."""
+    anchor = datetime.now(UTC) + timedelta(seconds=6)
     schedule = {"interval": 86400, "anchor_date": anchor.isoformat(), "timezone": "UTC"}
     body = [{"schedule": schedule, "active": True, "parameters": parameters, "slug": f"test-{uuid.uuid4().hex[:8]}"}]
     schedule_id = call_api("POST", f"{api}/deployments/{deployment}/schedules", body)[0]["id"]
