@@ -115,12 +115,16 @@ def sampled(bed: Testbed) -> CapacitySampler:
 
 @pytest.mark.timeout(360)
 @pytest.mark.parametrize("batch_size", [1, "100%"])
-def test_a_surge_rollout_moves_the_fleet_without_losing_a_server_or_a_request(
+def test_a_surge_and_a_surge_back_from_the_port_it_got_lose_no_server_and_no_request(
     surge_fleet: Testbed, tmp_path: Path, batch_size: int | str
 ) -> None:
     """Expected: v1 -> v2 with slow requests in flight; with batches of one and with the
     whole fleet at once (allowed for surge only), HAProxy always has 3 servers taking
-    requests, each instance's `-surge` server took some, and the old containers are gone."""
+    requests, each instance's `-surge` server took some, and the old containers are gone.
+    Then every container serves on 8081, not on the 8080 the fleet file's health_url
+    names: `rollout status` still shows each instance healthy (it asks the port Docker
+    gave), and a surge back (v2 -> v1) starts beside it on 8080 again, without losing a
+    server or a request."""
     bed = surge_fleet
     before = look(bed)
     v2 = bed.image_id(f"{bed.image_repository}:v2")
@@ -152,20 +156,7 @@ def test_a_surge_rollout_moves_the_fleet_without_losing_a_server_or_a_request(
         assert only_the_image_changed(before.compose[instance.name], after.compose[instance.name], bed.image_repository)
         assert f"{bed.image_repository}:v2@sha256:".encode() in after.compose[instance.name]
 
-
-@pytest.mark.timeout(360)
-def test_after_a_surge_status_probes_the_port_each_container_got_and_the_next_surge_starts_from_it(
-    surge_fleet: Testbed, tmp_path: Path
-) -> None:
-    """Expected: after a surge every container serves on 8081, not on the 8080 the fleet
-    file's health_url names; `rollout status` still shows each instance healthy (it asks
-    the port Docker gave), and a second surge (v2 -> v1) starts beside it on 8080 again,
-    without losing a server or a request."""
-    bed = surge_fleet
     v1 = bed.image_id(f"{bed.image_repository}:v1")
-    fleet = fleet_file(bed, tmp_path, rollout=SURGE)
-    rolling_deploy(fleet_file=fleet, tag="v2", triggered_by="test")
-    assert {bed.published_port(i.name) for i in bed.instances} == {8081}
     status = subprocess.run([*CLI, "status", "--fleet", fleet], capture_output=True, text=True, timeout=60)
     assert status.returncode == 0, status.stderr[-2000:]
     assert status.stdout.count("HTTP 200") == 3 and status.stdout.count("UP/READY") == 3, status.stdout
