@@ -58,6 +58,19 @@ class Superseded(RolloutError):
     """A newer request for the fleet has already run: this older one must not undo it."""
 
 
+def _interrupt_in(error: BaseException) -> BaseException | None:
+    """The Ctrl-C or TERM behind `error`, if any: one that lands while Prefect starts a task
+    run comes back as Prefect's own error ("Task run is not set"), the interrupt as its cause."""
+    chain: list[BaseException] = []
+    seen: BaseException | None = error
+    while seen is not None and seen not in chain:
+        if not isinstance(seen, Exception):
+            return seen
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def _step(ledger: Ledger, instance: str, name: str, cancel: threading.Event, call: Any, *args: Any) -> Any:
     if cancel.is_set():
         raise StepFailed(instance, name, Interrupted("the run was interrupted"))
@@ -65,6 +78,9 @@ def _step(ledger: Ledger, instance: str, name: str, cancel: threading.Event, cal
     try:
         return call(*args)
     except Exception as error:
+        interrupt = _interrupt_in(error)
+        if interrupt is not None:
+            raise interrupt from None  # an interrupt, not a failed step: the run stops as interrupted
         raise StepFailed(instance, name, error) from error
 
 
@@ -351,7 +367,7 @@ def _summary(
     if isinstance(failure, StepFailed):
         what = f"failed on instance {failure.instance} at step {failure.step}: {failure.cause}"
     else:
-        what = f"failed: {failure or type(failure).__name__}"
+        what = f"failed: {str(failure) or type(failure).__name__}"
     if isinstance(failure, (PreflightError, DeployFailed)) or not touched:
         return f"Rollout of fleet {fleet.name} to {ledger.target} refused before any instance was touched: {failure}"
     back = f" Rolled back {', '.join(rolled)}." if rolled else " No instance had been changed; drained ones are back."

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from compose_rollout import procedure
-from compose_rollout.errors import Interrupted, PreflightError, RolloutError, WaitTimeout
-from compose_rollout.flows.rolling_deploy import batches
+from compose_rollout.errors import Interrupted, PreflightError, RolloutError, StepFailed, WaitTimeout
+from compose_rollout.flows.rolling_deploy import _step, batches
 from compose_rollout.lb.haproxy import OP_STOPPED
 from compose_rollout.procedure import Context
 from compose_rollout.state import journal as journal_module
@@ -322,3 +323,38 @@ def test_canary_weights_give_the_canary_about_its_share(
     assert (factor, weight) == expected
     assert weight / (weight + factor * sum(others.values())) == pytest.approx(actual)
     assert abs(actual - share) < 0.012
+
+
+def _raised_while_handling(interrupt: KeyboardInterrupt) -> Exception:
+    """What Prefect raises when a Ctrl-C lands as it starts a task run: its own error,
+    raised while handling the interrupt (the interrupt is its context)."""
+    try:
+        try:
+            raise interrupt
+        except KeyboardInterrupt:
+            raise ValueError("Task run is not set")  # noqa: B904 - the implicit context is the point
+    except ValueError as error:
+        return error
+
+
+def _ledger() -> Ledger:
+    ledger = Ledger("demo", "run-1", "registry.example/demo/app:v2")
+    ledger.add(
+        InstanceRecord("app-1", "/srv/app/docker-compose.yml", "registry.example/demo/app:v1", OLD, COMPOSE, 0o640)
+    )
+    return ledger
+
+
+def test_a_step_interrupted_as_prefect_starts_it_stops_the_run_as_interrupted_not_as_a_failed_step() -> None:
+    interrupted = _raised_while_handling(KeyboardInterrupt("signal 15"))
+    with pytest.raises(KeyboardInterrupt, match="signal 15"):
+        _step(_ledger(), "app-1", "restore-compose", threading.Event(), _raise, interrupted)
+
+
+def test_a_step_that_fails_on_its_own_is_a_failed_step() -> None:
+    with pytest.raises(StepFailed, match="instance app-1, step up: boom"):
+        _step(_ledger(), "app-1", "up", threading.Event(), _raise, RuntimeError("boom"))
+
+
+def _raise(error: BaseException) -> None:
+    raise error
