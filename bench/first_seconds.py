@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.scenarios import ActionResult, Results, Run
+from bench.surge_report import markdown_table
 
 RUNNER = "rollout deploy"
 WITH_SERVER = "a Prefect server running"
@@ -134,9 +135,7 @@ def section(results: Results) -> list[str]:
             ]
         )
     header = ["Prefect", "until first drain s", "target s", "", "wall s", "fleet on v2", "failed requests"]
-    out.append("| " + " | ".join(header) + " |")
-    out.append("|" + "|".join("---" for _ in header) + "|")
-    out.extend("| " + " | ".join(row) + " |" for row in rows)
+    out.append(markdown_table(header, rows))
     out.append("")
     return out
 

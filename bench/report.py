@@ -183,12 +183,6 @@ def machine_facts() -> list[tuple[str, str]]:
 # --- markdown -------------------------------------------------------------------------
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def _s(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -319,7 +313,7 @@ def render(results: Results, plot_name: str) -> str:
         "Not part of `./dev test`: speed is measured here, never in timed tests."
     )
     add("")
-    add(_table(["machine", ""], [[k, v] for k, v in machine_facts()]))
+    add(surge_report.markdown_table(["machine", ""], [[k, v] for k, v in machine_facts()]))
     add("")
     add(
         f"**Load** (every run, every runner alike): through HAProxy at `http://127.0.0.1:18080`, "
@@ -376,7 +370,7 @@ def render(results: Results, plot_name: str) -> str:
             ]
         )
     add(
-        _table(
+        surge_report.markdown_table(
             [
                 "run (3 instances, batch 1 unless said)",
                 "rollout succeeded",
@@ -431,7 +425,7 @@ def render(results: Results, plot_name: str) -> str:
         )
         add("")
         add(
-            _table(
+            surge_report.markdown_table(
                 ["LB", "rollout succeeded", "requests", "failed", "out of rotation s, mean (min-max)", "wall s"],
                 [
                     [
@@ -462,7 +456,7 @@ def render(results: Results, plot_name: str) -> str:
         )
         add("")
         add(
-            _table(
+            surge_report.markdown_table(
                 ["instance", "restart (`up -d`)", "app ready", "LB rise", "floor", "LB saw it DOWN"],
                 [
                     [
@@ -514,7 +508,7 @@ def render(results: Results, plot_name: str) -> str:
                 ]
             )
         add(
-            _table(
+            surge_report.markdown_table(
                 [
                     "runner: run",
                     "instances",
@@ -538,7 +532,7 @@ def render(results: Results, plot_name: str) -> str:
             )
             add("")
             add(
-                _table(
+                surge_report.markdown_table(
                     [
                         "instance",
                         "out of rotation (journal)",
@@ -582,7 +576,7 @@ def render(results: Results, plot_name: str) -> str:
             ]
         )
     add(
-        _table(
+        surge_report.markdown_table(
             [
                 "runner: run",
                 "instances",
@@ -628,7 +622,7 @@ def render(results: Results, plot_name: str) -> str:
             ]
         )
     add(
-        _table(
+        surge_report.markdown_table(
             [
                 "runner",
                 "fleet on v2, all UP",
@@ -711,7 +705,7 @@ def render(results: Results, plot_name: str) -> str:
             ]
         )
     add(
-        _table(
+        surge_report.markdown_table(
             [
                 "strategy",
                 "instances",

@@ -42,7 +42,8 @@ STEPS = (
 )
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table: a header row, the separator, then `rows`."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
@@ -234,7 +235,7 @@ def section(results: Results) -> list[str]:
             ]
         )
     out.append(
-        _table(
+        markdown_table(
             [
                 "runner",
                 "succeeded",
@@ -266,7 +267,7 @@ def section(results: Results) -> list[str]:
     out.append("**The issue's targets** (this machine):")
     out.append("")
     out.append(
-        _table(
+        markdown_table(
             ["target", "wanted", "measured", "verdict"],
             [[t.what, t.target, t.measured, _verdict(t)] for t in targets(results)],
         )
@@ -296,6 +297,6 @@ def section(results: Results) -> list[str]:
                 for r in columns
             ],
         ]
-        out.append(_table(header, step_rows))
+        out.append(markdown_table(header, step_rows))
         out.append("")
     return out
