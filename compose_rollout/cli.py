@@ -25,9 +25,9 @@ from typing import TypeVar
 
 from compose_rollout import local_server, procedure, surge
 from compose_rollout.config import Fleet, Instance, load_fleet
+from compose_rollout.context import Context
 from compose_rollout.errors import RolloutError
 from compose_rollout.hosts.compose_file import unified_diff
-from compose_rollout.procedure import Context
 from compose_rollout.registry import RegistryClient
 from compose_rollout.state import history
 from compose_rollout.state.fleet_journals import FleetJournals

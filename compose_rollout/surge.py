@@ -26,12 +26,13 @@ import re
 from urllib.parse import urlsplit
 
 from compose_rollout.config import Instance
+from compose_rollout.context import Context
 from compose_rollout.errors import LoadBalancerError, PreflightError, RemoteError
 from compose_rollout.hosts import commands
 from compose_rollout.hosts.compose_file import services_of
 from compose_rollout.lb.base import SURGE_NEEDS, AddsServers, require
 from compose_rollout.ports import Ports
-from compose_rollout.procedure import Context, Snapshot, compose_version, port_of, server_of, wait_for_sessions
+from compose_rollout.procedure import Snapshot, compose_version, port_of, server_of, wait_for_sessions
 from compose_rollout.state.journal import Ledger
 
 SUFFIX = "-surge"

@@ -27,6 +27,7 @@ from pydantic import Field
 
 from compose_rollout import hooks, procedure, surge
 from compose_rollout.config import Fleet, load_fleet
+from compose_rollout.context import Context
 from compose_rollout.errors import (
     ConfigError,
     ConnectError,
@@ -39,7 +40,6 @@ from compose_rollout.errors import (
     StepFailed,
 )
 from compose_rollout.images import ImageRef
-from compose_rollout.procedure import Context
 from compose_rollout.progress import Progress
 from compose_rollout.registry import RegistryClient
 from compose_rollout.state import history, lock

@@ -17,9 +17,10 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from compose_rollout import hooks, procedure, surge
+from compose_rollout.context import Context
 from compose_rollout.errors import RolloutError
 from compose_rollout.hosts.shell import RemoteShell
-from compose_rollout.procedure import Context, Snapshot
+from compose_rollout.procedure import Snapshot
 from compose_rollout.state.journal import Ledger
 
 

@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from compose_rollout.config import Fleet
+from compose_rollout.context import Context
 from compose_rollout.errors import RemoteError, RolloutError
-from compose_rollout.procedure import Context
 
 POLL_SECONDS = 1.0
 

@@ -42,12 +42,12 @@ from moto.server import ThreadedMotoServer
 
 from compose_rollout import procedure
 from compose_rollout.config import Fleet
+from compose_rollout.context import Context
 from compose_rollout.errors import LoadBalancerError, WaitTimeout
 from compose_rollout.lb import adapters
 from compose_rollout.lb.aws import AwsTargetGroup
 from compose_rollout.lb.base import SURGE_NEEDS, AddsServers
 from compose_rollout.lb.settings import AwsSettings
-from compose_rollout.procedure import Context
 from compose_rollout.state.journal import InstanceRecord, Ledger
 from tests.unit.fakes import FakeHost
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from prefect import flow
 
+from compose_rollout.context import Context
 from compose_rollout.errors import ConfigError, LoadBalancerError, StepFailed
-from compose_rollout.procedure import Context
 from compose_rollout.state.journal import InstanceRecord, Ledger
 from compose_rollout.tasks import steps
 from tests.unit.fakes import FakeClock, FakeHost, FakeLB, fleet

@@ -9,7 +9,7 @@ from threading import Thread
 
 import pytest
 
-from compose_rollout.procedure import http_health
+from compose_rollout.context import http_health
 
 
 class _Recorder(BaseHTTPRequestHandler):

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 
-from compose_rollout.procedure import Context
+from compose_rollout.context import Context
 from compose_rollout.state import lock
 from compose_rollout.state.lock import FleetLocked, Holder
 from tests.unit.fakes import FakeClock, FakeHost, FakeLB, fleet

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 
 from compose_rollout import procedure
+from compose_rollout.context import Context
 from compose_rollout.errors import Interrupted, PreflightError, RolloutError, StepFailed, WaitTimeout
 from compose_rollout.flows.rolling_deploy import _step, batches
 from compose_rollout.lb.haproxy import OP_STOPPED
-from compose_rollout.procedure import Context
 from compose_rollout.state import journal as journal_module
 from compose_rollout.state.journal import InstanceRecord, Ledger
 from tests.unit.fakes import FakeClock, FakeHost, FakeLB, container_json, fleet, scripted

@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 
 from compose_rollout import procedure, surge
+from compose_rollout.context import Context
 from compose_rollout.errors import PreflightError
 from compose_rollout.hosts import commands
 from compose_rollout.lb.base import Capability
 from compose_rollout.ports import Ports, host_ports, published_range, reached_at
-from compose_rollout.procedure import Context
 from compose_rollout.state.journal import InstanceRecord, Ledger
 from tests.unit.fakes import FakeClock, FakeHost, FakeLB, FakeServer, fleet
 
