@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from compose_rollout import local_server, procedure, surge
+from compose_rollout import inspection, local_server, procedure, surge
 from compose_rollout.config import Fleet, Instance, load_fleet
 from compose_rollout.context import Context
 from compose_rollout.errors import RolloutError
@@ -160,7 +160,7 @@ def _plan(args: argparse.Namespace) -> int:
     diffs: dict[str, str] = {}
 
     def one(instance: Instance) -> dict[str, object]:
-        found = procedure.snapshot(ctx, instance)
+        found = inspection.snapshot(ctx, instance)
         if fleet.rollout.strategy == "surge":  # refused here as a deploy would refuse it
             surge.preflight(ctx, instance, procedure.preflight_instance(ctx, instance))
         path = found.edited_path or instance.compose_path
@@ -214,11 +214,11 @@ def _status(args: argparse.Namespace) -> int:
             row: dict[str, object] = {"instance": instance.name}
             url = instance.health_url
             try:
-                found = procedure.snapshot(ctx, instance)
+                found = inspection.snapshot(ctx, instance)
                 row["compose image"] = found.image
-                row["running"] = procedure.running_digest(ctx, instance, found.container)
+                row["running"] = inspection.running_digest(ctx, instance, found.container)
                 row["container"] = found.container.status
-                followed = procedure.service_ports(ctx, instance, found)
+                followed = inspection.service_ports(ctx, instance, found)
                 if followed is not None:  # which port of a published range the container got
                     ports, port = followed
                     row["port"] = f"{port} ({ports.container_port})"

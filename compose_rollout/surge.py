@@ -30,9 +30,10 @@ from compose_rollout.context import Context
 from compose_rollout.errors import LoadBalancerError, PreflightError, RemoteError
 from compose_rollout.hosts import commands
 from compose_rollout.hosts.compose_file import services_of
+from compose_rollout.inspection import Snapshot, compose_version, port_of
 from compose_rollout.lb.base import SURGE_NEEDS, AddsServers, require
 from compose_rollout.ports import Ports
-from compose_rollout.procedure import Snapshot, compose_version, port_of, server_of, wait_for_sessions
+from compose_rollout.procedure import server_of, wait_for_sessions
 from compose_rollout.state.journal import Ledger
 
 SUFFIX = "-surge"

@@ -25,7 +25,7 @@ from prefect.runtime import deployment as deployment_runtime
 from prefect.runtime import flow_run
 from pydantic import Field
 
-from compose_rollout import hooks, procedure, surge
+from compose_rollout import hooks, inspection, procedure, surge
 from compose_rollout.config import Fleet, load_fleet
 from compose_rollout.context import Context
 from compose_rollout.errors import (
@@ -109,7 +109,7 @@ def update_instance(
     _step(ledger, instance, "set-image", cancel, steps.set_image, ctx, instance, ledger, image)
     _step(ledger, instance, "pull", cancel, steps.pull, ctx, instance, image)
     _step(ledger, instance, "up", cancel, steps.up, ctx, instance, ledger)
-    url = procedure.health_url(ctx.fleet.instance(instance), ledger[instance])
+    url = inspection.health_url(ctx.fleet.instance(instance), ledger[instance])
     seconds = _step(ledger, instance, "await-healthy", cancel, steps.await_healthy, ctx, instance, image_id, url)
     ledger.update(instance, seconds_to_healthy=seconds, healthy_at=time.time())
     _step(ledger, instance, "await-lb-up", cancel, steps.await_lb_up, ctx, instance, ledger)
@@ -138,7 +138,7 @@ def _surge_instance(
     _step(ledger, instance, "set-image", cancel, steps.set_image, ctx, instance, ledger, image)
     _step(ledger, instance, "pull", cancel, steps.pull, ctx, instance, image)
     second = _step(ledger, instance, "start-second", cancel, steps.start_second, ctx, instance, ledger)
-    url = procedure.health_url(ctx.fleet.instance(instance), ledger[instance], ledger[instance].surge_port)
+    url = inspection.health_url(ctx.fleet.instance(instance), ledger[instance], ledger[instance].surge_port)
     seconds = _step(
         ledger, instance, "await-healthy", cancel, steps.await_healthy, ctx, instance, image_id, url, second
     )
@@ -226,7 +226,7 @@ def rollback_instance(ctx: Context, instance: str, ledger: Ledger) -> None:
     _step(ledger, instance, "rollback: restore-compose", never, steps.restore_compose, ctx, instance, ledger)
     if record.restarted:
         _step(ledger, instance, "rollback: up", never, steps.up, ctx, instance, ledger)
-        url = procedure.health_url(ctx.fleet.instance(instance), record)
+        url = inspection.health_url(ctx.fleet.instance(instance), record)
         old_id = record.old_image_id
         _step(ledger, instance, "rollback: await-healthy", never, steps.await_healthy, ctx, instance, old_id, url)
         _step(ledger, instance, "rollback: await-lb-up", never, steps.await_lb_up, ctx, instance, ledger)
@@ -254,7 +254,7 @@ def _wait_all(futures: dict[str, PrefectFuture[Any]], cancel: threading.Event) -
 
 def _preflight(
     ctx: Context, target: ImageRef
-) -> tuple[ImageRef, dict[str, procedure.Snapshot], str, dict[str, BaseException]]:
+) -> tuple[ImageRef, dict[str, inspection.Snapshot], str, dict[str, BaseException]]:
     """Check everything, pre-pull everywhere; touch nothing. Returns pinned image,
     snapshots, image ID, and the instances whose pull failed when the failure budget
     (rollout.max_failed_instances) allows going on without them."""

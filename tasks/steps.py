@@ -16,11 +16,11 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from compose_rollout import hooks, procedure, surge
+from compose_rollout import hooks, inspection, procedure, surge
 from compose_rollout.context import Context
 from compose_rollout.errors import RolloutError
 from compose_rollout.hosts.shell import RemoteShell
-from compose_rollout.procedure import Snapshot
+from compose_rollout.inspection import Snapshot
 from compose_rollout.state.journal import Ledger
 
 
@@ -238,7 +238,7 @@ def instance_hook(ctx: Context, instance: str, ledger: Ledger, name: str, url: s
     """Run the per-instance hook `name` (before_instance, after_instance) for one instance."""
     hook = getattr(ctx.fleet.hooks, name)
     found = ctx.fleet.instance(instance)
-    env = hooks.instance_env(name, ledger, found, url or procedure.health_url(found, ledger[instance]))
+    env = hooks.instance_env(name, ledger, found, url or inspection.health_url(found, ledger[instance]))
     shell = RemoteShell(ctx.hosts[instance]) if hook.run_on == "host" else None
     hooks.run(name, hook, env, shell)
     get_run_logger().info("%s: hook %s passed", instance, name)
