@@ -32,6 +32,7 @@ from compose_rollout.registry import RegistryClient
 from compose_rollout.state import history
 from compose_rollout.state.fleet_journals import FleetJournals
 from compose_rollout.state.journal import InstanceRecord
+from compose_rollout.target import repository_change, target_image
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 T = TypeVar("T")
@@ -123,7 +124,7 @@ def _deploy(args: argparse.Namespace, triggered_by: str = "cli") -> int:
     policy = {name: value for name, value in policy.items() if value is not None}
     fleet = load_fleet(args.fleet, **({"rollout": policy} if policy else {}))
     if args.tag or args.image or fleet.tag_policy is None:
-        procedure.target_image(fleet, args.tag, args.image)
+        target_image(fleet, args.tag, args.image)
     _quiet_prefect_defaults()
     from compose_rollout.flows.rolling_deploy import rolling_deploy  # imports Prefect: only when deploying
 
@@ -153,7 +154,7 @@ def _per_instance(fleet: Fleet, ctx: Context, action: object) -> list[dict[str, 
 
 def _plan(args: argparse.Namespace) -> int:
     fleet = load_fleet(args.fleet)
-    target = procedure.target_image(fleet, args.tag, args.image)
+    target = target_image(fleet, args.tag, args.image)
     with RegistryClient(fleet.registry) as registry:
         pinned = target.with_digest(registry.resolve_digest(target))
     ctx = Context.connect(fleet)
@@ -183,7 +184,7 @@ def _plan(args: argparse.Namespace) -> int:
     size = fleet.rollout.batch_count(len(fleet.instances))
     print(f"Plan for fleet {fleet.name}: {target} = {pinned.digest}")
     images = {str(row["instance"]): str(row["now"]) for row in rows}
-    switch = procedure.repository_change(fleet, images, pinned, tag_only=args.image is None)
+    switch = repository_change(fleet, images, pinned, tag_only=args.image is None)
     if switch:
         print(f"Note: {switch}")
     canary = " after a canary" if fleet.rollout.canary else ""

@@ -45,6 +45,7 @@ from compose_rollout.registry import RegistryClient
 from compose_rollout.state import history, lock
 from compose_rollout.state.fleet_journals import FleetJournals, local_runs_directory
 from compose_rollout.state.journal import InstanceRecord, Ledger
+from compose_rollout.target import repository_change, target_image
 from compose_rollout.tasks import steps
 from compose_rollout.triggers import windows
 from compose_rollout.triggers.tag_policy import resolve_tag
@@ -488,9 +489,7 @@ def _deploy(
             "an older request never undoes a newer one. Nothing was touched; start a new run to deploy it now."
         )
     pinned, snapshots, image_id, unpulled = _preflight(ctx, target)
-    switch = procedure.repository_change(
-        fleet, {name: found.image for name, found in snapshots.items()}, pinned, tag_only
-    )
+    switch = repository_change(fleet, {name: found.image for name, found in snapshots.items()}, pinned, tag_only)
     if switch:
         logger.warning("fleet %s: %s", fleet.name, switch)
     ledger.target = str(pinned)
@@ -672,7 +671,7 @@ def rolling_deploy(
         with RegistryClient(fleet.registry) as registry:
             tag = resolve_tag(registry, fleet.image_repository, fleet.tag_policy)
         logger.info("tag policy %s chose %s", fleet.tag_policy.version_range, tag)
-    target = procedure.target_image(fleet, tag, image)
+    target = target_image(fleet, tag, image)
     early = 0.0 if urgent else windows.early_start_seconds(fleet.maintenance_windows, datetime.now(UTC))
     if early:
         logger.info("the maintenance window opens in %.1f s; waiting for it", early)

@@ -15,6 +15,7 @@ from compose_rollout.flows.rolling_deploy import _step, batches
 from compose_rollout.lb.haproxy import OP_STOPPED
 from compose_rollout.state import journal as journal_module
 from compose_rollout.state.journal import InstanceRecord, Ledger
+from compose_rollout.target import repository_change, target_image
 from tests.unit.fakes import FakeClock, FakeHost, FakeLB, container_json, fleet, scripted
 
 NEW, OLD = "sha256:" + "b" * 64, "sha256:" + "a" * 64
@@ -223,13 +224,13 @@ def test_target_image_refuses_hostile_tags_before_anything_runs() -> None:
     the_fleet = fleet()
     for tag in ("v1;rm -rf /", "v 1", "", "-v1", "$(id)"):
         with pytest.raises(RolloutError, match="invalid image tag"):
-            procedure.target_image(the_fleet, tag, None)
-    assert str(procedure.target_image(the_fleet, "1.4.2", None)) == "registry.example/demo/app:1.4.2"
+            target_image(the_fleet, tag, None)
+    assert str(target_image(the_fleet, "1.4.2", None)) == "registry.example/demo/app:1.4.2"
     with pytest.raises(RolloutError, match="exactly one"):
-        procedure.target_image(the_fleet, "v1", "registry.example/demo/app:v1")
+        target_image(the_fleet, "v1", "registry.example/demo/app:v1")
     # An image of another repository (and its registry) is refused before any registry call.
     with pytest.raises(RolloutError, match=r"image repository evil\.example/demo/app is not allowed for fleet demo"):
-        procedure.target_image(the_fleet, None, "evil.example/demo/app:v1")
+        target_image(the_fleet, None, "evil.example/demo/app:v1")
 
 
 @pytest.mark.parametrize(
@@ -254,24 +255,24 @@ def test_a_tag_only_run_on_a_fleet_switched_to_another_edition_is_refused_naming
         "app-2": "registry.example/demo/app-ee:1.4.2",
         "app-3": "registry.example/demo/app:1.4.1",
     }
-    tag_run = procedure.target_image(the_fleet, "1.4.3", None)
+    tag_run = target_image(the_fleet, "1.4.3", None)
     with pytest.raises(
         PreflightError,
         match=r"runs registry\.example/demo/app-ee on app-1, app-2, not its image_repository registry\.example/demo/app"
         r": a run given only a tag would switch it to registry\.example/demo/app\. Set image_repository",
     ):
-        procedure.repository_change(the_fleet, running, tag_run, tag_only=True)
+        repository_change(the_fleet, running, tag_run, tag_only=True)
 
 
 def test_a_run_switching_repository_on_purpose_says_so() -> None:
     the_fleet = fleet(allowed_repositories=["registry.example/demo/app-ee"])
     running = {"app-1": "registry.example/demo/app:1.4.2", "app-2": "registry.example/demo/app:1.4.2"}
-    switch = procedure.target_image(the_fleet, None, "registry.example/demo/app-ee:1.4.2")
-    assert procedure.repository_change(the_fleet, running, switch, tag_only=False) == (
+    switch = target_image(the_fleet, None, "registry.example/demo/app-ee:1.4.2")
+    assert repository_change(the_fleet, running, switch, tag_only=False) == (
         "it switches repository: registry.example/demo/app on app-1, app-2 -> registry.example/demo/app-ee"
     )
-    same = procedure.target_image(the_fleet, "1.4.3", None)
-    assert procedure.repository_change(the_fleet, running, same, tag_only=True) == ""
+    same = target_image(the_fleet, "1.4.3", None)
+    assert repository_change(the_fleet, running, same, tag_only=True) == ""
 
 
 class CountingLB(FakeLB):
