@@ -20,7 +20,7 @@ PEERS = ("shell script", "Ansible")  # the runners that are not compose-rollout
 SURGE_VS_SHELL_AT_3 = 1.0  # surge batch 100 % wall ≤ this x the shell script's wall, 3 instances
 SURGE_24_VS_3 = 2.0  # surge batch 100 % wall at 24 ≤ this x its own wall at 3
 
-# The surge strategy's steps in the order it takes them (flows/rolling_deploy.py), then
+# The surge strategy's steps in the order it takes them (flows/instance.py), then
 # the in-place ones it does not share, for the per-step table.
 STEPS = (
     "preflight",

@@ -11,7 +11,8 @@ import pytest
 from compose_rollout import procedure
 from compose_rollout.context import Context
 from compose_rollout.errors import Interrupted, PreflightError, RolloutError, StepFailed, WaitTimeout
-from compose_rollout.flows.rolling_deploy import _step, batches
+from compose_rollout.flows.instance import _step
+from compose_rollout.flows.rolling_deploy import batches
 from compose_rollout.lb.haproxy import OP_STOPPED
 from compose_rollout.state import journal as journal_module
 from compose_rollout.state.journal import InstanceRecord, Ledger
