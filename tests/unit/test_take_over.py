@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from compose_rollout.flows.rolling_deploy import _take_over
+from compose_rollout.flows.recovery import _take_over
 from compose_rollout.state import lock
 from compose_rollout.state.fleet_journals import FleetJournals
 from compose_rollout.state.journal import Ledger, RunStatus
