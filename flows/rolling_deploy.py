@@ -7,10 +7,9 @@ Any failure (or Ctrl-C) rolls back: the failed instance first, then every instan
 run moved, newest first, with the same drain dance. Whatever happens, every server
 this run drained is put back in rotation before the flow ends.
 
-This module orchestrates; the work on one instance (its update and its rollback, as
-Prefect tasks) is in `instance.py`, the rollback across instances and the recovery of
-an interrupted run in `recovery.py`, what the run tells people (its table, summary,
-artifact and end hooks) in `report.py`.
+This module orchestrates. Beside it: `instance.py` (the work on one instance, as Prefect
+tasks), `recovery.py` (the rollback across instances, the recovery of an interrupted
+run), `report.py` (what the run tells people), `timing.py` (when a run may go).
 """
 
 from __future__ import annotations
@@ -21,15 +20,13 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from prefect import flow, get_run_logger
-from prefect.deployments import run_deployment
 from prefect.exceptions import TerminationSignal
 from prefect.futures import PrefectFuture
-from prefect.runtime import deployment as deployment_runtime
 from prefect.runtime import flow_run
 from pydantic import Field
 
 from compose_rollout import hooks, inspection, procedure, surge
-from compose_rollout.config import Fleet, load_fleet
+from compose_rollout.config import load_fleet
 from compose_rollout.context import Context
 from compose_rollout.errors import (
     ConfigError,
@@ -42,6 +39,7 @@ from compose_rollout.errors import (
 from compose_rollout.flows.instance import update_instance
 from compose_rollout.flows.recovery import _recover_run, _roll_back_alone, _rollback, _take_over
 from compose_rollout.flows.report import _after_deploy, _on_failure, _partial, _publish, _report, _summary
+from compose_rollout.flows.timing import Superseded, WindowClosed, _outside_window
 from compose_rollout.images import ImageRef
 from compose_rollout.progress import Progress
 from compose_rollout.registry import RegistryClient
@@ -52,14 +50,6 @@ from compose_rollout.target import repository_change, target_image
 from compose_rollout.tasks import steps
 from compose_rollout.triggers import windows
 from compose_rollout.triggers.tag_policy import resolve_tag
-
-
-class WindowClosed(RolloutError):
-    """The maintenance window closed between two batches: stop, without rolling back."""
-
-
-class Superseded(RolloutError):
-    """A newer request for the fleet has already run: this older one must not undo it."""
 
 
 def _wait_all(futures: dict[str, PrefectFuture[Any]], cancel: threading.Event) -> dict[str, BaseException]:
@@ -438,30 +428,6 @@ def _end(ctx: Context, journals: FleetJournals, ledger: Ledger, holder: lock.Hol
         lock.release(ctx, holder)
     for failure in journals.failures:
         logger.warning("the copy of this run's journal on the fleet could not be written: %s", failure)
-
-
-def _outside_window(
-    fleet: Fleet, when: datetime, parameters: dict[str, Any], triggered_by: str
-) -> list[dict[str, Any]]:
-    """Outside every maintenance window: a deployment's run re-schedules itself, with the
-    same `parameters`, for the next window start; a direct call (CLI, Python) is refused
-    with that time."""
-    deployment = deployment_runtime.get_id()
-    if deployment is None:
-        raise RolloutError(
-            f"fleet {fleet.name} is outside its maintenance windows; the next one starts "
-            f"{when:%Y-%m-%d %H:%M} UTC. Deploy then, or now with urgent (--urgent)."
-        )
-    scheduled = run_deployment(
-        name=deployment,
-        parameters={**parameters, "triggered_by": f"{triggered_by} (re-scheduled to a window)"},
-        scheduled_time=when,
-        timeout=0,
-        as_subflow=False,
-    )
-    run_id = getattr(scheduled, "id", "?")  # a sync call returns the FlowRun (typed as maybe-coroutine)
-    get_run_logger().info("outside the maintenance windows: scheduled run %s for %s", run_id, when)
-    return []
 
 
 @flow(name="recover-fleet", validate_parameters=True)
