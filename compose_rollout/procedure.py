@@ -10,8 +10,7 @@ a deadline and the clock is injectable, so unit tests run instantly.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping
 from dataclasses import replace
 
 from compose_rollout.config import Fleet, Instance
@@ -116,21 +115,6 @@ def preflight_lb(ctx: Context) -> Mapping[str, ServerView]:
     if problems:
         raise PreflightError("; ".join(problems))
     return servers
-
-
-def in_parallel(
-    ctx: Context, action: Callable[[Instance], object], instances: Iterable[Instance]
-) -> dict[str, BaseException]:
-    """Run `action` for every instance at once; the errors by instance name."""
-    chosen = list(instances)
-    errors: dict[str, BaseException] = {}
-    with ThreadPoolExecutor(max_workers=max(1, min(16, len(chosen)))) as pool:
-        futures = {instance.name: pool.submit(action, instance) for instance in chosen}
-    for name, future in futures.items():
-        error = future.exception()
-        if error is not None:
-            errors[name] = error
-    return errors
 
 
 # --- the per-instance verbs ------------------------------------------------------------
