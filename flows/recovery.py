@@ -4,7 +4,7 @@ The rollback of a failed run, one instance at a time in the order given (a host 
 cannot be reached is left for a person, any other rollback failure stops there); the
 rollback of one failed instance alone, within the failure budget; and the recovery of
 an interrupted run from its journal, with how a run judges a lock that someone else
-holds (`_take_over`).
+holds (`take_over_rule`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def _unreachable(error: BaseException) -> bool:
     return isinstance(cause, (ConnectError, HostKeyError))
 
 
-def _rollback(ctx: Context, ledger: Ledger, order: list[str]) -> tuple[list[str], str]:
+def roll_back(ctx: Context, ledger: Ledger, order: list[str]) -> tuple[list[str], str]:
     """Roll back instances one at a time, in `order`.
 
     An instance whose host cannot be reached is left for a person (the safety net still
@@ -66,7 +66,7 @@ def _rollback(ctx: Context, ledger: Ledger, order: list[str]) -> tuple[list[str]
     return rolled, ""
 
 
-def _take_over(fleet: Fleet, journals: FleetJournals, i_checked: bool = False) -> lock.TakeOver:
+def take_over_rule(fleet: Fleet, journals: FleetJournals, i_checked: bool = False) -> lock.TakeOver:
     """How a run judges a lock someone else holds (see `lock.acquire`).
 
     Taken over: a run that ended and left the lock (not one that needs a person), or an
@@ -91,7 +91,7 @@ def _take_over(fleet: Fleet, journals: FleetJournals, i_checked: bool = False) -
     return judge
 
 
-def _recover_run(ctx: Context, journals: FleetJournals, run_id: str, i_checked: bool = False) -> str:
+def recover_run(ctx: Context, journals: FleetJournals, run_id: str, i_checked: bool = False) -> str:
     """Revert what an interrupted run changed, from its journal; what was done, for a person.
     DeployFailed if a person must look.
 
@@ -124,7 +124,7 @@ def _recover_run(ctx: Context, journals: FleetJournals, run_id: str, i_checked: 
         key=lambda name: old[name].drained_at or 0.0,
         reverse=True,
     )
-    rolled, note = _rollback(ctx, old, order)
+    rolled, note = roll_back(ctx, old, order)
     problems = procedure.release_all(ctx, old)
     if note or problems:
         old.finish("needs attention")
@@ -134,7 +134,7 @@ def _recover_run(ctx: Context, journals: FleetJournals, run_id: str, i_checked: 
     return f"run {run_id} recovered; its instances are back on their previous image"
 
 
-def _roll_back_alone(ctx: Context, ledger: Ledger, names: list[str]) -> None:
+def roll_back_alone(ctx: Context, ledger: Ledger, names: list[str]) -> None:
     """Within the failure budget: roll back only these failed instances and go on. A
     rollback that fails stops the run (the whole rollback follows, then a person)."""
     logger = get_run_logger()
@@ -143,7 +143,7 @@ def _roll_back_alone(ctx: Context, ledger: Ledger, names: list[str]) -> None:
         if not (ledger[name].changed or ledger[name].drained):
             continue  # failed before it changed anything: nothing to undo
         logger.warning("%s failed (%s); rolling it back alone (rollout.max_failed_instances)", name, error)
-        rolled, note = _rollback(ctx, ledger, [name])
+        rolled, note = roll_back(ctx, ledger, [name])
         ledger.update(name, error=error)  # the cause, not the rollback's
         if note or name not in rolled:
             raise StepFailed(name, "rollback", RolloutError(note or f"{name} could not be rolled back"))

@@ -16,7 +16,7 @@ from compose_rollout.errors import DeployFailed, PreflightError, RolloutError, S
 from compose_rollout.state.journal import Ledger
 
 
-def _report(ledger: Ledger) -> list[dict[str, Any]]:
+def report_rows(ledger: Ledger) -> list[dict[str, Any]]:
     rows = []
     for record in ledger.records.values():
         out = record.seconds_out_of_rotation
@@ -38,7 +38,7 @@ def _report(ledger: Ledger) -> list[dict[str, Any]]:
     return rows
 
 
-def _summary(
+def failure_summary(
     fleet: Fleet, ledger: Ledger, failure: BaseException, rolled: list[str], rollback_note: str, touched: bool
 ) -> str:
     if isinstance(failure, StepFailed):
@@ -56,14 +56,14 @@ def _summary(
     )
 
 
-def _publish(fleet: Fleet, ledger: Ledger, description: str) -> None:
+def publish(fleet: Fleet, ledger: Ledger, description: str) -> None:
     try:
-        create_table_artifact(key=f"rollout-{fleet.name}", table=_report(ledger), description=description)
+        create_table_artifact(key=f"rollout-{fleet.name}", table=report_rows(ledger), description=description)
     except Exception as error:  # noqa: BLE001 - a missing artifact must not change the outcome
         get_run_logger().warning("could not publish the run artifact: %s", error)
 
 
-def _partial(fleet: Fleet, ledger: Ledger) -> str:
+def partial_summary(fleet: Fleet, ledger: Ledger) -> str:
     """The summary of a run that ended within its failure budget ("" when none failed)."""
     failed = [r for r in ledger.records.values() if r.outcome in ("failed", "rolled back")]
     if not failed:
@@ -77,7 +77,7 @@ def _partial(fleet: Fleet, ledger: Ledger) -> str:
     )
 
 
-def _on_failure(fleet: Fleet, ledger: Ledger, summary: str) -> None:
+def run_on_failure_hook(fleet: Fleet, ledger: Ledger, summary: str) -> None:
     """The on_failure hook, after the rollback; its own failure is logged, nothing more."""
     if fleet.hooks.on_failure is None:
         return
@@ -88,7 +88,7 @@ def _on_failure(fleet: Fleet, ledger: Ledger, summary: str) -> None:
         get_run_logger().error("%s", error)
 
 
-def _after_deploy(fleet: Fleet, ledger: Ledger, summary: str) -> None:
+def run_after_deploy_hook(fleet: Fleet, ledger: Ledger, summary: str) -> None:
     """The after_deploy hook: the fleet has moved whatever it says; DeployFailed if it fails."""
     if fleet.hooks.after_deploy is None:
         return

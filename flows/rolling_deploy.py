@@ -37,9 +37,16 @@ from compose_rollout.errors import (
     StepFailed,
 )
 from compose_rollout.flows.instance import update_instance
-from compose_rollout.flows.recovery import _recover_run, _roll_back_alone, _rollback, _take_over
-from compose_rollout.flows.report import _after_deploy, _on_failure, _partial, _publish, _report, _summary
-from compose_rollout.flows.timing import Superseded, WindowClosed, _outside_window
+from compose_rollout.flows.recovery import recover_run, roll_back, roll_back_alone, take_over_rule
+from compose_rollout.flows.report import (
+    failure_summary,
+    partial_summary,
+    publish,
+    report_rows,
+    run_after_deploy_hook,
+    run_on_failure_hook,
+)
+from compose_rollout.flows.timing import Superseded, WindowClosed, outside_window
 from compose_rollout.images import ImageRef
 from compose_rollout.progress import Progress
 from compose_rollout.registry import RegistryClient
@@ -214,7 +221,7 @@ def _deploy(
             failures = [r.name for r in ledger.records.values() if r.outcome in ("failed", "rolled back")]
             if cancel.is_set() or len(failures) > fleet.rollout.max_failed_instances:
                 raise error if isinstance(error, StepFailed) else StepFailed(failed, ledger[failed].step, error)
-            _roll_back_alone(ctx, ledger, list(errors))
+            roll_back_alone(ctx, ledger, list(errors))
     return switch
 
 
@@ -306,7 +313,7 @@ def rolling_deploy(
         time.sleep(early)
     when = windows.scheduled_start(fleet.maintenance_windows, datetime.now(UTC), urgent=urgent)
     if when is not None:
-        return _outside_window(fleet, when, requested, triggered_by)
+        return outside_window(fleet, when, requested, triggered_by)
     run_id = str(flow_run.get_id() or f"local-{int(time.time())}")
     holder = lock.me(run_id, str(target))
     ledger = Ledger(
@@ -329,10 +336,10 @@ def rolling_deploy(
     try:
         journals = FleetJournals(fleet, ctx.hosts[fleet.instances[0].name])
         journals.attach(ledger)
-        lease = lock.acquire(ctx, holder, take_over=_take_over(fleet, journals))
+        lease = lock.acquire(ctx, holder, take_over=take_over_rule(fleet, journals))
         if lease.stale is not None:
             # On failure the lock stays, naming the run to recover: the fleet needs that first.
-            _recover_run(ctx, journals, lease.holder.recovers)
+            recover_run(ctx, journals, lease.holder.recovers)
             lease = lock.recovered(ctx, lease)
     except BaseException:
         ctx.close()
@@ -343,21 +350,21 @@ def rolling_deploy(
     try:
         switch = _deploy(ctx, journals, ledger, target, cancel, order, urgent, tag_only=image is None)
         completed = True
-        partial = _partial(fleet, ledger)
+        partial = partial_summary(fleet, ledger)
         if partial:
             logger.error(partial)
-            _publish(fleet, ledger, partial)
+            publish(fleet, ledger, partial)
             ledger.finish("partial")
     except Superseded as superseded:
         summary = f"Not deploying {target} to fleet {fleet.name}: {superseded}"
         logger.warning(summary)
-        _publish(fleet, ledger, summary)
+        publish(fleet, ledger, summary)
         ledger.finish("superseded")
         return []
     except WindowClosed as closed:
         summary = f"Rollout of fleet {fleet.name} to {ledger.target} stopped: {closed}"
         logger.warning(summary)
-        _publish(fleet, ledger, summary)
+        publish(fleet, ledger, summary)
         ledger.finish("stopped")
         raise DeployFailed(summary) from None
     except BaseException as failure:
@@ -369,11 +376,11 @@ def rolling_deploy(
         # After Prefect's SIGTERM (a cancel) the rollback must end before the worker's kill.
         cancelled = isinstance(failure, TerminationSignal)
         calm = ctx.for_rollback(ROLLBACK_SECONDS_AFTER_INTERRUPT if cancelled else None)
-        rolled, note = _rollback(calm, ledger, failed_names + [n for n in reversed(order) if n not in failed_names])
-        summary = _summary(fleet, ledger, failure, rolled, note, touched)
+        rolled, note = roll_back(calm, ledger, failed_names + [n for n in reversed(order) if n not in failed_names])
+        summary = failure_summary(fleet, ledger, failure, rolled, note, touched)
         logger.error(summary)
-        _publish(fleet, ledger, summary)
-        _on_failure(fleet, ledger, summary)
+        publish(fleet, ledger, summary)
+        run_on_failure_hook(fleet, ledger, summary)
         if note and calm.out_of_time():
             raise  # the cancel left no time to finish: unrecorded, locked, for `rollout recover` (see _end)
         ledger.finish("needs attention" if note else "rolled back" if touched else "refused")
@@ -386,7 +393,7 @@ def rolling_deploy(
         finally:
             ctx.close()
     if partial:
-        _on_failure(fleet, ledger, partial)
+        run_on_failure_hook(fleet, ledger, partial)
         raise DeployFailed(partial)
     moved = [r.name for r in ledger.records.values() if r.outcome == "updated"]
     summary = (
@@ -395,9 +402,9 @@ def rolling_deploy(
         + (f" Note: {switch}; update image_repository in the fleet file to match." if switch else "")
     )
     logger.info(summary)
-    _publish(fleet, ledger, summary)
-    _after_deploy(fleet, ledger, summary)
-    return _report(ledger)
+    publish(fleet, ledger, summary)
+    run_after_deploy_hook(fleet, ledger, summary)
+    return report_rows(ledger)
 
 
 def _end(ctx: Context, journals: FleetJournals, ledger: Ledger, holder: lock.Holder, completed: bool) -> None:
@@ -446,12 +453,12 @@ def recover_fleet(fleet_file: str, i_checked: bool = False) -> str:
     holder = lock.me(f"recover-{int(time.time())}", "recovery")
     try:
         journals = FleetJournals(fleet, ctx.hosts[fleet.instances[0].name])
-        lease = lock.acquire(ctx, holder, take_over=_take_over(fleet, journals, i_checked))
+        lease = lock.acquire(ctx, holder, take_over=take_over_rule(fleet, journals, i_checked))
         if lease.stale is None:
             lock.release(ctx, lease.holder)
             return f"fleet {fleet.name} was not left locked by an interrupted run; nothing to recover"
         # On failure the lock stays, naming the run: the fleet needs a person.
-        message = f"fleet {fleet.name}: {_recover_run(ctx, journals, lease.holder.recovers, i_checked)}"
+        message = f"fleet {fleet.name}: {recover_run(ctx, journals, lease.holder.recovers, i_checked)}"
         lock.release(ctx, lease.holder)
     finally:
         ctx.close()

@@ -28,9 +28,7 @@ class Superseded(RolloutError):
     """A newer request for the fleet has already run: this older one must not undo it."""
 
 
-def _outside_window(
-    fleet: Fleet, when: datetime, parameters: dict[str, Any], triggered_by: str
-) -> list[dict[str, Any]]:
+def outside_window(fleet: Fleet, when: datetime, parameters: dict[str, Any], triggered_by: str) -> list[dict[str, Any]]:
     """Outside every maintenance window: a deployment's run re-schedules itself, with the
     same `parameters`, for the next window start; a direct call (CLI, Python) is refused
     with that time."""
