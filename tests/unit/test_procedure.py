@@ -339,23 +339,15 @@ def _raised_while_handling(interrupt: KeyboardInterrupt) -> Exception:
         return error
 
 
-def _ledger() -> Ledger:
-    ledger = Ledger("demo", "run-1", "registry.example/demo/app:v2")
-    ledger.add(
-        InstanceRecord("app-1", "/srv/app/docker-compose.yml", "registry.example/demo/app:v1", OLD, COMPOSE, 0o640)
-    )
-    return ledger
-
-
 def test_a_step_interrupted_as_prefect_starts_it_stops_the_run_as_interrupted_not_as_a_failed_step() -> None:
     interrupted = _raised_while_handling(KeyboardInterrupt("signal 15"))
     with pytest.raises(KeyboardInterrupt, match="signal 15"):
-        _step(_ledger(), "app-1", "restore-compose", threading.Event(), _raise, interrupted)
+        _step(make_ledger(make_context()[0]), "app-1", "restore-compose", threading.Event(), _raise, interrupted)
 
 
 def test_a_step_that_fails_on_its_own_is_a_failed_step() -> None:
     with pytest.raises(StepFailed, match="instance app-1, step up: boom"):
-        _step(_ledger(), "app-1", "up", threading.Event(), _raise, RuntimeError("boom"))
+        _step(make_ledger(make_context()[0]), "app-1", "up", threading.Event(), _raise, RuntimeError("boom"))
 
 
 def _raise(error: BaseException) -> None:
